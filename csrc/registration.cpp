@@ -1,0 +1,33 @@
+// Every schema of the aioli_ext operator library, declared once. Backends only add TORCH_LIBRARY_IMPL
+// blocks (csrc/cpu/*_cpu.cpp, csrc/cuda/*_cuda.cu); fake kernels live in aioli_ext/ops.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(aioli_ext, m) {
+  // ---- group cross-entropy (csrc/cpu/group_loss_cpu.cpp, csrc/cuda/group_loss_cuda.cu) ----
+  // logits [N, V] (fp32/fp16/bf16/fp64), targets [N] int64, group_ids [N] or [N / seq_len] (int32/int64):
+  // row i belongs to group group_ids[i / seq_len] (seq_len = 1: per-token ids).
+  // Returns loss [N] (fp32; fp64 for fp64 logits; 0 where ignored), group_sums [K] (same float type),
+  // token_counts [K] int64.
+  m.def("group_cross_entropy(Tensor logits, Tensor targets, Tensor group_ids, int num_groups, "
+        "int ignore_index, int seq_len) -> (Tensor loss, Tensor group_sums, Tensor token_counts)");
+  // Training forward: the statistics plus a new grad_logits [N, V] (logits' dtype) with
+  // grad_logits[i, :] = group_scale[g(i)] * (softmax(logits[i]) - onehot(targets[i])), computed in the same
+  // pass over each row. Autograd of aioli_ext.group_cross_entropy uses it with group_scale = 1.
+  m.def("group_cross_entropy_with_grad(Tensor logits, Tensor targets, Tensor group_ids, int num_groups, "
+        "int ignore_index, int seq_len, Tensor group_scale) "
+        "-> (Tensor loss, Tensor group_sums, Tensor token_counts, Tensor grad_logits)");
+  // Same statistics, plus grad_logits[i, :] = group_scale[g(i)] * (softmax(logits[i]) - onehot(targets[i]))
+  // (zero rows where ignored), written into grad_logits in the same pass over each row. grad_logits may be
+  // logits itself (in place). group_scale [K] is fp32 (fp64 for fp64 logits).
+  m.def("group_cross_entropy_fused(Tensor logits, Tensor targets, Tensor group_ids, int num_groups, "
+        "int ignore_index, int seq_len, Tensor group_scale, Tensor(a!) grad_logits) "
+        "-> (Tensor loss, Tensor group_sums, Tensor token_counts)");
+
+  // ---- CPU kernel selection (csrc/cpu/cpu_capability.cpp) ----
+  // Returns the capability the CPU kernels dispatch to ("default", "avx2", "avx512"); a non-empty `force`
+  // overrides it for this process (tests use it to exercise each path), "" resets to the detected one.
+  m.def("cpu_capability(str force=\"\") -> str");
+
+  // ---- mixture sampling (csrc/cpu/mixture_sample_cpu.cpp, csrc/cuda/mixture_sample_cuda.cu) ----
+  // (schemas added with the sampler)
+}
