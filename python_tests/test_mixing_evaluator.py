@@ -228,3 +228,21 @@ def test_default_loss_is_the_group_cross_entropy_kernel():
     model = TinyModel()
     result = GroupEvaluator(*data, GROUPS, batch_size=3)(model)
     assert torch.allclose(result, expected_losses(model, *data), rtol=1e-5, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_batches_and_nccl_reduce():
+    data = validation_set()
+    model = TinyModel()
+    expected = evaluator(*data, batch_size=3)(model)
+    model = model.cuda()
+    with tempfile.TemporaryDirectory() as directory:
+        torch.distributed.init_process_group("nccl", init_method=f"file://{os.path.join(directory, 'store')}",
+                                             rank=0, world_size=1)
+        try:
+            result = evaluator(*data, batch_size=3, device="cuda")(model)
+        finally:
+            torch.distributed.destroy_process_group()
+    assert result.device.type == "cpu" and result.dtype == F
+    assert torch.allclose(result, expected, rtol=1e-5, atol=0)
