@@ -1,0 +1,159 @@
+"""Linear Mixing Optimization (LMO): the K-sized math that every online mixer shares.
+
+Notation (AIOLI.md §1): m groups; proportions p ∈ Δ^m; per-group losses L ∈ R^m; the interaction matrix
+A ∈ R^{m×m} with A[i, j] = how much training on group j lowers the loss of group i (row = evaluated,
+column = trained). Online methods assume the linear dynamic law L' = L − A p and take exponentiated-gradient
+(EG) steps p_j ∝ p_j · exp(η Σ_i A[i, j]).
+
+Every function takes tensors or sequences and returns new float64 CPU tensors: K is small (K×K at most),
+and float64 keeps the un-mixing solve and the EG exponent exact enough that the decisions do not depend on
+summation order.
+"""
+import torch
+
+from .checks import FLOAT, as_float_tensor, as_proportions, check_float, check_int, to_tensor
+
+
+def _square(matrix, name):
+    tensor = to_tensor(matrix)
+    if tensor.dim() != 2 or tensor.shape[0] != tensor.shape[1]:
+        raise ValueError(f"{name} must be a square matrix [m, m], got shape {tuple(tensor.shape)}")
+    return as_float_tensor(tensor, name, tuple(tensor.shape))
+
+
+def _proportions(proportions):
+    tensor = to_tensor(proportions)
+    if tensor.dim() != 1 or tensor.numel() == 0:
+        raise ValueError(f"proportions must be a non-empty vector [m], got shape {tuple(tensor.shape)}")
+    return as_proportions(tensor, tensor.numel())
+
+
+def check_one_hot(one_hot, num_groups, name="one_hot"):
+    """Validate the mass on the hot group of a smoothed one-hot mixture: it must lie in (1/m, 1].
+
+    At exactly 1/m every smoothed mixture is uniform, so the columns of A cannot be told apart (the smoothing
+    matrix is singular); below 1/m the "hot" group would get less than the others.
+    """
+    num_groups = check_int(num_groups, "num_groups", minimum=2)
+    one_hot = check_float(one_hot, name, high=1.0)
+    uniform = 1.0 / num_groups
+    if one_hot <= uniform:
+        raise ValueError(
+            f"{name} must be in (1/num_groups, 1] = ({uniform:.6g}, 1], got {one_hot}: at 1/num_groups every "
+            f"smoothed one-hot mixture is uniform and the interaction matrix cannot be recovered")
+    return one_hot
+
+
+def linear_dynamic_law(losses, interaction, proportions):
+    """One round of the linear dynamic law: L' = L − A p.
+
+    Args:
+        losses: [m] per-group losses L^t.
+        interaction: [m, m] A^t (row = evaluated group, column = trained group).
+        proportions: [m] mixture p^t (used as given, not renormalised).
+    Returns:
+        float64 [m] predicted losses L^{t+1}.
+    """
+    interaction = _square(interaction, "interaction")
+    m = interaction.shape[0]
+    losses = as_float_tensor(losses, "losses", (m,))
+    proportions = as_float_tensor(proportions, "proportions", (m,))
+    return losses - interaction @ proportions
+
+
+def eg_gradient(interaction):
+    """The EG gradient of the linear dynamic law: column sums Σ_i A[i, j] (float64 [m])."""
+    return _square(interaction, "interaction").sum(dim=0)
+
+
+def exponentiated_gradient_step(proportions, gradient, eta):
+    """p_j ← p_j · exp(η g_j), renormalised (computed in log space, so large η·g cannot overflow).
+
+    Args:
+        proportions: [m] non-negative weights with a positive sum (normalised first). A zero weight stays zero.
+        gradient: [m] finite gradient g (column sums of A for the linear dynamic law).
+        eta: step size η > 0.
+    Returns:
+        float64 [m] proportions summing to 1.
+    """
+    proportions = _proportions(proportions)
+    gradient = as_float_tensor(gradient, "gradient", tuple(proportions.shape))
+    eta = check_float(eta, "eta", low=0.0, low_open=True)
+    logits = torch.log(proportions) + eta * gradient
+    logits = logits - logits[proportions > 0].max()
+    weights = torch.exp(logits)
+    return weights / weights.sum()
+
+
+def smoothed_one_hot(num_groups, group, one_hot):
+    """The LearnParams mixture q^(j): ``one_hot`` on ``group``, (1 − one_hot)/(m − 1) on every other group.
+
+    Returns float64 [m] summing to 1.
+    """
+    one_hot = check_one_hot(one_hot, num_groups)
+    group = check_int(group, "group", minimum=0)
+    if group >= num_groups:
+        raise ValueError(f"group must be < num_groups = {num_groups}, got {group}")
+    mixture = torch.full((num_groups,), (1.0 - one_hot) / (num_groups - 1), dtype=FLOAT)
+    mixture[group] = one_hot
+    return mixture
+
+
+def smoothing_matrix(num_groups, one_hot):
+    """W [m, m] float64 whose column j is q^(j): ``one_hot`` on the diagonal, (1 − one_hot)/(m − 1) off it.
+
+    LearnParams measures B = A·W (column j of B is the loss drop after training on q^(j)).
+    """
+    one_hot = check_one_hot(one_hot, num_groups)
+    off = (1.0 - one_hot) / (num_groups - 1)
+    matrix = torch.full((num_groups, num_groups), off, dtype=FLOAT)
+    matrix.fill_diagonal_(one_hot)
+    return matrix
+
+
+def unmix_smoothing(measured, one_hot, *, diagonal=False):
+    """Recover A from LearnParams' measurement B = A·W (AIOLI.md §2 step 3).
+
+    W = a·I + o·11ᵀ with o = (1 − one_hot)/(m − 1), a = one_hot − o, and a + m·o = 1, so
+    W⁻¹ = (I − o·11ᵀ)/a and A = B·W⁻¹ has the closed form A[i, l] = (B[i, l] − o·Σ_j B[i, j]) / a.
+    ``one_hot = 1`` gives A = B. The diagonal variant keeps only A[i, i] = B[i, i] / one_hot.
+
+    Args:
+        measured: B [m, m] (row = evaluated group, column = the hot group of the sub-phase).
+        one_hot: mass on the hot group, in (1/m, 1].
+        diagonal: return the diagonal estimate instead of the full solve.
+    Returns:
+        float64 [m, m] A.
+    """
+    measured = _square(measured, "measured")
+    m = measured.shape[0]
+    one_hot = check_one_hot(one_hot, m)
+    if diagonal:
+        return torch.diag(torch.diagonal(measured) / one_hot)
+    off = (1.0 - one_hot) / (m - 1)
+    return (measured - off * measured.sum(dim=1, keepdim=True)) / (one_hot - off)
+
+
+def normalize_interaction(interaction):
+    """Shift A so that its smallest entry is 0 when it is negative, then scale it to sum to 1.
+
+    An all-equal A (zero sum after the shift) carries no preference between groups: the result is the zero
+    matrix, whose EG step leaves p unchanged, instead of a division by zero.
+
+    Returns float64 [m, m].
+    """
+    interaction = _square(interaction, "interaction")
+    smallest = interaction.min()
+    if smallest < 0:
+        interaction = interaction - smallest
+    total = interaction.sum()
+    if not total > 0:
+        return torch.zeros_like(interaction)
+    return interaction / total
+
+
+def mix_with_uniform(proportions, smoothing):
+    """(1 − c)·p + c/m: keeps every group's weight at least c/m (DoReMi's smoothing, c ∈ [0, 1])."""
+    smoothing = check_float(smoothing, "smoothing", low=0.0, high=1.0)
+    proportions = _proportions(proportions)
+    return (1.0 - smoothing) * proportions + smoothing / proportions.numel()
