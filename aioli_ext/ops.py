@@ -178,7 +178,7 @@ def group_cross_entropy_fused(logits: torch.Tensor, targets: torch.Tensor, group
             raise ValueError("grad_out must be contiguous (the gradient is written row by row)")
         grad = grad_out
     else:
-        grad = torch.empty(logits.shape, dtype=logits.dtype, device=device)
+        grad = None  # allocated by the with_grad op (on CPU with huge pages: fresh pages are the cost here)
     if group_weights is None:
         weights = torch.ones(num_groups, dtype=acc, device=device)
     else:
@@ -200,9 +200,14 @@ def group_cross_entropy_fused(logits: torch.Tensor, targets: torch.Tensor, group
     else:
         group_scale = weights
 
-    loss, group_sums, token_counts = _ops.group_cross_entropy_fused(
-        flat_logits, flat_targets, flat_ids, num_groups, ignore_index, seq_len, group_scale,
-        grad.view(flat_logits.shape))
+    if grad is None:
+        loss, group_sums, token_counts, flat_grad = _ops.group_cross_entropy_with_grad(
+            flat_logits, flat_targets, flat_ids, num_groups, ignore_index, seq_len, group_scale)
+        grad = flat_grad.view(logits.shape)
+    else:
+        loss, group_sums, token_counts = _ops.group_cross_entropy_fused(
+            flat_logits, flat_targets, flat_ids, num_groups, ignore_index, seq_len, group_scale,
+            grad.view(flat_logits.shape))
     objective = (group_scale.double() * group_sums.double()).sum().to(acc)
     return GroupCrossEntropyResult(loss.view(targets.shape), group_sums, token_counts, objective, grad)
 

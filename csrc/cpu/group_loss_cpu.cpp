@@ -12,8 +12,15 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <tuple>
 #include <vector>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
 
 #include "cpu/cpu_capability.h"
 #include "cpu/group_loss_kernel.h"
@@ -33,6 +40,52 @@ LogitsDtype to_logits_dtype(at::ScalarType t) {
     case at::kDouble: return LogitsDtype::Double;
     default: return LogitsDtype::Float;
   }
+}
+
+// Gradient buffers smaller than this stay in cache for their consumer: plain stores.
+constexpr int64_t kStreamMinBytes = int64_t(16) << 20;
+
+// True when the memory page holding `p` is resident (Linux mincore; false elsewhere).
+bool page_resident(const void* p) {
+#ifdef __linux__
+  const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  unsigned char resident = 0;
+  void* start = reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(p) & ~(page - 1));
+  return mincore(start, page, &resident) == 0 && (resident & 1);
+#else
+  (void)p;
+  return false;
+#endif
+}
+
+// Non-temporal stores save the read-for-ownership of every gradient line (a third of the traffic) when
+// writing into a large, already-used buffer (grad_out reused across steps). Into fresh pages they lose: the
+// kernel has just zeroed each page into the cache on first touch, and streaming past it doubles the writes.
+// So: out of place, large, and resident at both ends.
+bool should_stream_gradient(const at::Tensor& grad_logits, const at::Tensor& logits) {
+  const int64_t bytes = grad_logits.numel() * grad_logits.element_size();
+  if (bytes < kStreamMinBytes || grad_logits.const_data_ptr() == logits.const_data_ptr()) return false;
+  const auto* first = static_cast<const char*>(grad_logits.const_data_ptr());
+  return page_resident(first) && page_resident(first + bytes - 1);
+}
+
+// A fresh [N, V] gradient is mostly page-fault cost on first touch (measured: 4 KB faults make a fresh buffer
+// ~3x slower to fill than a reused one). Advising transparent huge pages on the new allocation, which only
+// this op owns, cuts the number of faults 512-fold where the kernel allows THP on request ("madvise" mode).
+void advise_huge_pages(const at::Tensor& fresh) {
+#ifdef __linux__
+  const int64_t bytes = fresh.numel() * fresh.element_size();
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (bytes < int64_t(2 * kHuge)) return;
+  const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const auto begin = reinterpret_cast<uintptr_t>(fresh.const_data_ptr());
+  const uintptr_t start = (begin + page - 1) & ~(page - 1);
+  const uintptr_t end = (begin + static_cast<uintptr_t>(bytes)) & ~(page - 1);
+  // Advice only: on failure (THP disabled, old kernel) the buffer simply keeps 4 KB pages.
+  (void)madvise(reinterpret_cast<void*>(start), end - start, MADV_HUGEPAGE);
+#else
+  (void)fresh;
+#endif
 }
 
 using RowsKernel = void (*)(const GroupLossRowsArgs&);
@@ -149,6 +202,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_cross_entropy_impl(
   args.dtype = to_logits_dtype(logits.scalar_type());
   args.vocab = vocab;
   args.ignore_index = ignore_index;
+  args.stream_grad = grad_logits && should_stream_gradient(*grad_logits, logits);
   const RowsKernel kernel = select_rows_kernel(args.dtype);
   const int64_t grain = std::max<int64_t>(1, kMinElemsPerTask / vocab);
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
@@ -175,6 +229,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_cross_entropy_w
     int64_t ignore_index, int64_t seq_len, const at::Tensor& group_scale) {
   check_dim(logits, "logits", 2, "[N, V]");
   at::Tensor grad_logits = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  advise_huge_pages(grad_logits);
   auto [loss, group_sums, token_counts] = group_cross_entropy_impl(logits, targets, group_ids, num_groups,
                                                                    ignore_index, seq_len, &group_scale, &grad_logits);
   return {loss, group_sums, token_counts, grad_logits};

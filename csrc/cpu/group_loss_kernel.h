@@ -27,6 +27,8 @@ struct GroupLossRowsArgs {
   int64_t ignore_index;
   int64_t row_begin;
   int64_t row_end;
+  // Write grad_logits with non-temporal stores (never when it is logits itself).
+  bool stream_grad;
 };
 
 // Per row i (not ignored): loss[i] = logsumexp(logits[i]) - logits[i, targets[i]], accumulated in fp32 (fp64
