@@ -244,12 +244,16 @@ def _row_coefficients(grad_loss, grad_group_sums, targets, group_ids, seq_len, i
     return torch.where(targets != ignore_index, coef, torch.zeros_like(coef))
 
 
+def _traced(tensor: torch.Tensor) -> bool:
+    """True under torch.compile / AOTAutograd / a dispatch mode (fake or functional tensors), where
+    value-dependent and in-place shortcuts do not apply."""
+    return (torch.compiler.is_compiling() or type(tensor) is not torch.Tensor
+            or torch.utils._python_dispatch.is_in_torch_dispatch_mode())
+
+
 def _can_consume_saved_gradient(saved_grad: torch.Tensor) -> bool:
-    """True when this backward is the saved gradient's last use (graph not retained) and runs eagerly on real
-    tensors (not traced by torch.compile / AOTAutograd / a dispatch mode, where in-place and value-dependent
-    shortcuts do not apply)."""
-    if (torch.compiler.is_compiling() or type(saved_grad) is not torch.Tensor
-            or torch.utils._python_dispatch.is_in_torch_dispatch_mode()):
+    """True when this backward is the saved gradient's last use (graph not retained) and runs eagerly."""
+    if _traced(saved_grad):
         return False
     keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
     if keep_graph is None:
@@ -258,6 +262,14 @@ def _can_consume_saved_gradient(saved_grad: torch.Tensor) -> bool:
         return not keep_graph()
     except RuntimeError:
         return False
+
+
+def _check_not_double_backward(saved: torch.Tensor) -> None:
+    # backward runs with grad mode on only under create_graph=True; the saved softmax rows are constants to
+    # autograd, so a second derivative would silently miss the softmax's own derivative.
+    if torch.is_grad_enabled() and not _traced(saved):
+        raise RuntimeError("aioli_ext.group_cross_entropy is not twice differentiable: backward with "
+                           "create_graph=True is not supported")
 
 
 def _with_grad_setup_context(ctx, inputs, output):
@@ -271,6 +283,7 @@ def _with_grad_setup_context(ctx, inputs, output):
 
 def _with_grad_backward(ctx, grad_loss, grad_group_sums, _grad_counts, _grad_grad_logits):
     saved_grad, targets, group_ids, group_scale = ctx.saved_tensors
+    _check_not_double_backward(saved_grad)
     rows = targets.shape[0]
     coef = _row_coefficients(grad_loss, grad_group_sums, targets, group_ids, ctx.seq_len, ctx.ignore_index,
                              group_scale.dtype)
@@ -303,6 +316,7 @@ def _plain_backward(ctx, grad_loss, grad_group_sums, _grad_counts):
     # (the wrapper takes the with_grad op then): re-read the logits once, every row as its own "group" so the
     # kernel applies the per-row coefficient itself.
     logits, targets, group_ids, = ctx.saved_tensors
+    _check_not_double_backward(logits)
     rows = targets.shape[0]
     coef = _row_coefficients(grad_loss, grad_group_sums, targets, group_ids, ctx.seq_len, ctx.ignore_index,
                              _acc_dtype(logits))

@@ -241,6 +241,16 @@ def test_retained_graph_gives_the_same_gradient_twice(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_double_backward_is_rejected(device):
+    logits, targets, group_ids = make_inputs(10, 20, 2, device=device)
+    x = logits.clone().requires_grad_()
+    for loss in (group_cross_entropy(x, targets, group_ids, 2)[0],
+                 ops.group_cross_entropy(x, targets, group_ids, 2, -100, 1)[0]):
+        with pytest.raises(RuntimeError, match="not twice differentiable"):
+            torch.autograd.grad(loss.sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_with_grad_op_output_is_not_modified_by_backward(device):
     # Calling the op directly, the caller holds grad_logits: backward must not scale it in place.
     logits, targets, group_ids = make_inputs(20, 50, 2, device=device)
