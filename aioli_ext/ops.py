@@ -3,7 +3,10 @@
 Each op has a fake (meta) kernel registered here so torch.compile can trace it, and differentiable ops
 have their autograd formula registered through torch.library.
 """
+from typing import NamedTuple, Optional
+
 import torch
+import torch.utils._python_dispatch
 
 from . import _extension  # noqa: F401  (loads the compiled library and registers the schemas)
 
@@ -18,3 +21,310 @@ def cpu_capability(force: str = "") -> str:
     the detected value.
     """
     return _ops.cpu_capability(force)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Group cross-entropy
+# ---------------------------------------------------------------------------------------------------------------
+
+_NORMALIZE_MODES = ("tokens", "groups", "none")
+
+
+class GroupCrossEntropyResult(NamedTuple):
+    """What :func:`group_cross_entropy_fused` returns.
+
+    loss: per-token loss, the targets' shape, fp32 (fp64 for fp64 logits), 0 where ignored.
+    group_sums: [K] per-group loss sums (same float type). token_counts: [K] int64 non-ignored tokens per group.
+    objective: 0-d tensor, the value of the per-group-weighted objective whose gradient is ``grad``.
+    grad: d objective / d logits, the logits' shape and dtype (the buffer that was written).
+    """
+
+    loss: torch.Tensor
+    group_sums: torch.Tensor
+    token_counts: torch.Tensor
+    objective: torch.Tensor
+    grad: torch.Tensor
+
+
+def _acc_dtype(logits: torch.Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _flatten_group_loss_args(logits, targets, group_ids):
+    """[N, V] or [B, T, V] logits -> ([N, V] logits, [N] targets, group ids, seq_len).
+
+    group_ids per token keep the targets' shape; per-sequence ids [B] of 3-D logits stay [B] and the op maps
+    row i to sequence i // T (seq_len = T), so they are never expanded to [B * T].
+    """
+    if not isinstance(logits, torch.Tensor) or logits.dim() not in (2, 3):
+        got = f"{logits.dim()}-D tensor of shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) \
+            else type(logits).__name__
+        raise ValueError(f"logits must be 2-D [N, V] or 3-D [B, T, V], got {got}")
+    for name, tensor in (("targets", targets), ("group_ids", group_ids)):
+        if tensor.device != logits.device:
+            raise ValueError(f"logits and {name} must be on the same device, got {logits.device} and {tensor.device}")
+    lead = tuple(logits.shape[:-1])
+    if tuple(targets.shape) != lead:
+        raise ValueError(f"targets must have shape logits.shape[:-1] = {lead}, got {tuple(targets.shape)}")
+    vocab = logits.shape[-1]
+    rows = targets.numel()
+    if tuple(group_ids.shape) == lead:
+        seq_len = 1
+        flat_ids = group_ids.reshape(rows)
+    elif logits.dim() == 3 and tuple(group_ids.shape) == lead[:1]:
+        seq_len = lead[1]
+        flat_ids = group_ids
+        if rows == 0:
+            # No rows: nothing to map, and seq_len = T may be 0.
+            seq_len, flat_ids = 1, group_ids[:0]
+    else:
+        per_seq = f" or [B] = {lead[:1]} (one id per sequence)" if logits.dim() == 3 else ""
+        raise ValueError(f"group_ids must have the targets' shape {lead} (one id per token){per_seq}, "
+                         f"got {tuple(group_ids.shape)}")
+    return logits.reshape(rows, vocab), targets.reshape(rows), flat_ids, seq_len
+
+
+def _row_groups(group_ids: torch.Tensor, seq_len: int, rows: int) -> torch.Tensor:
+    """Group of every row as int64 [N] (expands per-sequence ids; only used on the small backward path)."""
+    ids = group_ids.long()
+    return ids if seq_len == 1 else ids.repeat_interleave(seq_len)[:rows]
+
+
+def group_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, group_ids: torch.Tensor, num_groups: int, *,
+                        ignore_index: int = -100):
+    """Token cross-entropy with per-group sums and counts, in one pass over the logits.
+
+    Args:
+        logits: [N, V] or [B, T, V]; float32, float16, bfloat16 (float64 for gradcheck). CPU or CUDA.
+        targets: int64, ``logits.shape[:-1]``; each in [0, V) or equal to ``ignore_index``.
+        group_ids: int32 or int64 in [0, num_groups): per token (the targets' shape), or per sequence [B] when
+            logits are [B, T, V] (used as is, no expansion copy).
+        num_groups: K >= 1.
+        ignore_index: targets equal to it contribute loss 0 and are not counted.
+
+    Returns:
+        (loss, group_sums, token_counts): loss has the targets' shape, fp32 (fp64 for fp64 logits), 0 where
+        ignored; group_sums [K] the same float type; token_counts [K] int64 (non-ignored tokens per group).
+        Empty groups get 0 and 0. Statistics accumulate in fp32 (group sums in fp64) whatever the logits' dtype.
+
+    Differentiable with respect to ``logits`` through ``loss`` and ``group_sums``. When ``logits`` requires grad
+    the gradient rows ``softmax - onehot`` are computed during this forward pass, in the same read of each
+    logits row (op ``group_cross_entropy_with_grad``); backward only scales each row by its upstream
+    coefficient ``dL/dloss[i] + dL/dgroup_sums[g(i)]``, in place in the saved buffer when the graph is not
+    retained, and not at all when every coefficient is 1. Not twice differentiable. For a known weighted
+    objective, :func:`group_cross_entropy_fused` also skips that scaling pass and the gradient allocation.
+    """
+    flat_logits, flat_targets, flat_ids, seq_len = _flatten_group_loss_args(logits, targets, group_ids)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        unit_scale = torch.ones(num_groups, dtype=_acc_dtype(logits), device=logits.device)
+        loss, group_sums, token_counts, _ = _ops.group_cross_entropy_with_grad(
+            flat_logits, flat_targets, flat_ids, num_groups, ignore_index, seq_len, unit_scale)
+        if not torch.compiler.is_compiling() and loss.grad_fn is not None:
+            # The op's grad_logits output was dropped just above, so backward may scale the saved buffer in
+            # place (the node object is the autograd ctx).
+            loss.grad_fn.saved_gradient_is_private = True
+    else:
+        loss, group_sums, token_counts = _ops.group_cross_entropy(
+            flat_logits, flat_targets, flat_ids, num_groups, ignore_index, seq_len)
+    return loss.view(targets.shape), group_sums, token_counts
+
+
+def group_cross_entropy_fused(logits: torch.Tensor, targets: torch.Tensor, group_ids: torch.Tensor,
+                              num_groups: int, *, group_weights=None, normalize: str = "tokens",
+                              ignore_index: int = -100, grad_out: Optional[torch.Tensor] = None,
+                              inplace: bool = False) -> GroupCrossEntropyResult:
+    """Training step helper: group statistics plus the gradient of a per-group-weighted objective, one pass.
+
+    Each logits row is read once from memory; its gradient row is written right after, while it is in cache.
+    The objective, with w = ``group_weights`` (default all ones), S_g = group_sums, n_g = token_counts:
+
+    * ``normalize="tokens"``: sum_g w_g S_g / sum_g n_g   (w = 1: the usual mean over non-ignored tokens)
+    * ``normalize="groups"``: sum_g w_g S_g / n_g over non-empty groups (DoReMi-style weighted group means)
+    * ``normalize="none"``:   sum_g w_g S_g
+
+    The counts come from a bincount over the N targets before the kernel runs (never a second logits pass).
+    An objective with no token (all ignored) is 0 with a zero gradient.
+
+    Args:
+        logits, targets, group_ids, num_groups, ignore_index: as in :func:`group_cross_entropy`. ``logits`` is
+            only read (through ``logits.detach()``: this function computes the gradient itself); pass the
+            result to autograd with ``logits.backward(result.grad)``.
+        group_weights: [K] floats (tensor or sequence) or None for ones.
+        grad_out: buffer for the gradient, the logits' shape and dtype, contiguous (reuse it across steps:
+            fresh pages cost more than the kernel's writes).
+        inplace: write the gradient over ``logits`` itself (no extra memory; the logits are lost).
+
+    Returns:
+        :class:`GroupCrossEntropyResult` (loss, group_sums, token_counts, objective, grad).
+    """
+    if num_groups < 1:
+        raise ValueError(f"num_groups must be >= 1, got {num_groups}")
+    if normalize not in _NORMALIZE_MODES:
+        raise ValueError(f"normalize must be one of {_NORMALIZE_MODES}, got {normalize!r}")
+    if inplace and grad_out is not None:
+        raise ValueError("pass either grad_out or inplace=True, not both")
+    flat_logits, flat_targets, flat_ids, seq_len = _flatten_group_loss_args(logits.detach(), targets, group_ids)
+    acc = _acc_dtype(logits)
+    device = logits.device
+    if inplace:
+        if not logits.is_contiguous():
+            raise ValueError("inplace=True needs contiguous logits (the gradient is written row by row)")
+        grad = logits.detach()
+    elif grad_out is not None:
+        if tuple(grad_out.shape) != tuple(logits.shape) or grad_out.dtype != logits.dtype:
+            raise ValueError(f"grad_out must have the logits' shape {tuple(logits.shape)} and dtype {logits.dtype}, "
+                             f"got {tuple(grad_out.shape)} {grad_out.dtype}")
+        if not grad_out.is_contiguous():
+            raise ValueError("grad_out must be contiguous (the gradient is written row by row)")
+        grad = grad_out
+    else:
+        grad = None  # allocated by the with_grad op (on CPU with huge pages: fresh pages are the cost here)
+    if group_weights is None:
+        weights = torch.ones(num_groups, dtype=acc, device=device)
+    else:
+        weights = torch.as_tensor(group_weights, dtype=acc, device=device)
+        if weights.shape != (num_groups,):
+            raise ValueError(f"group_weights must be 1-D [num_groups] = [{num_groups}], got {tuple(weights.shape)}")
+
+    # Counts before the kernel, from the targets only. Ids are clamped so that bad ones cannot break the
+    # bincount; the op itself then rejects them with its message.
+    valid = (flat_targets != ignore_index).long()
+    if seq_len > 1:
+        valid = valid.view(-1, seq_len).sum(1)
+    safe_ids = flat_ids.long().clamp(0, num_groups - 1)
+    counts = torch.zeros(num_groups, dtype=torch.int64, device=device).index_add_(0, safe_ids, valid)
+    if normalize == "tokens":
+        group_scale = weights / counts.sum().clamp_min(1).to(acc)
+    elif normalize == "groups":
+        group_scale = torch.where(counts > 0, weights / counts.clamp_min(1).to(acc), torch.zeros_like(weights))
+    else:
+        group_scale = weights
+
+    if grad is None:
+        loss, group_sums, token_counts, flat_grad = _ops.group_cross_entropy_with_grad(
+            flat_logits, flat_targets, flat_ids, num_groups, ignore_index, seq_len, group_scale)
+        grad = flat_grad.view(logits.shape)
+    else:
+        loss, group_sums, token_counts = _ops.group_cross_entropy_fused(
+            flat_logits, flat_targets, flat_ids, num_groups, ignore_index, seq_len, group_scale,
+            grad.view(flat_logits.shape))
+    objective = (group_scale.double() * group_sums.double()).sum().to(acc)
+    return GroupCrossEntropyResult(loss.view(targets.shape), group_sums, token_counts, objective, grad)
+
+
+@torch.library.register_fake("aioli_ext::group_cross_entropy")
+def _group_cross_entropy_fake(logits, targets, group_ids, num_groups, ignore_index, seq_len):
+    acc = _acc_dtype(logits)
+    return (logits.new_empty((logits.shape[0],), dtype=acc), logits.new_empty((num_groups,), dtype=acc),
+            logits.new_empty((num_groups,), dtype=torch.int64))
+
+
+@torch.library.register_fake("aioli_ext::group_cross_entropy_with_grad")
+def _group_cross_entropy_with_grad_fake(logits, targets, group_ids, num_groups, ignore_index, seq_len,
+                                        group_scale):
+    loss, group_sums, token_counts = _group_cross_entropy_fake(logits, targets, group_ids, num_groups,
+                                                               ignore_index, seq_len)
+    return loss, group_sums, token_counts, torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("aioli_ext::group_cross_entropy_fused")
+def _group_cross_entropy_fused_fake(logits, targets, group_ids, num_groups, ignore_index, seq_len, group_scale,
+                                    grad_logits):
+    return _group_cross_entropy_fake(logits, targets, group_ids, num_groups, ignore_index, seq_len)
+
+
+def _row_coefficients(grad_loss, grad_group_sums, targets, group_ids, seq_len, ignore_index, dtype):
+    """dL/dloss[i] + dL/dgroup_sums[g(i)] per row ([N]), 0 on ignored rows (their loss is constant 0)."""
+    rows = targets.shape[0]
+    coef = torch.zeros(rows, dtype=dtype, device=targets.device)
+    if grad_loss is not None:
+        coef = coef + grad_loss.to(dtype)
+    if grad_group_sums is not None:
+        coef = coef + grad_group_sums.to(dtype)[_row_groups(group_ids, seq_len, rows)]
+    return torch.where(targets != ignore_index, coef, torch.zeros_like(coef))
+
+
+def _traced(tensor: torch.Tensor) -> bool:
+    """True under torch.compile / AOTAutograd / a dispatch mode (fake or functional tensors), where
+    value-dependent and in-place shortcuts do not apply."""
+    return (torch.compiler.is_compiling() or type(tensor) is not torch.Tensor
+            or torch.utils._python_dispatch.is_in_torch_dispatch_mode())
+
+
+def _can_consume_saved_gradient(saved_grad: torch.Tensor) -> bool:
+    """True when this backward is the saved gradient's last use (graph not retained) and runs eagerly."""
+    if _traced(saved_grad):
+        return False
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    if keep_graph is None:
+        return False
+    try:
+        return not keep_graph()
+    except RuntimeError:
+        return False
+
+
+def _check_not_double_backward(saved: torch.Tensor) -> None:
+    # backward runs with grad mode on only under create_graph=True; the saved softmax rows are constants to
+    # autograd, so a second derivative would silently miss the softmax's own derivative.
+    if torch.is_grad_enabled() and not _traced(saved):
+        raise RuntimeError("aioli_ext.group_cross_entropy is not twice differentiable: backward with "
+                           "create_graph=True is not supported")
+
+
+def _with_grad_setup_context(ctx, inputs, output):
+    _, targets, group_ids, _, ignore_index, seq_len, group_scale = inputs
+    _, _, token_counts, grad_logits = output
+    ctx.mark_non_differentiable(token_counts, grad_logits)
+    ctx.save_for_backward(grad_logits, targets, group_ids, group_scale)
+    ctx.ignore_index = ignore_index
+    ctx.seq_len = seq_len
+
+
+def _with_grad_backward(ctx, grad_loss, grad_group_sums, _grad_counts, _grad_grad_logits):
+    saved_grad, targets, group_ids, group_scale = ctx.saved_tensors
+    _check_not_double_backward(saved_grad)
+    rows = targets.shape[0]
+    coef = _row_coefficients(grad_loss, grad_group_sums, targets, group_ids, ctx.seq_len, ctx.ignore_index,
+                             group_scale.dtype)
+    # The saved rows are group_scale[g] * (softmax - onehot); the wrapper passes ones, which divide exactly.
+    coef = coef / group_scale[_row_groups(group_ids, ctx.seq_len, rows)]
+    coef = coef.unsqueeze(1)
+    if getattr(ctx, "saved_gradient_is_private", False) and _can_consume_saved_gradient(saved_grad):
+        if saved_grad.device.type == "cpu" and bool((coef == 1).all()):
+            return saved_grad, None, None, None, None, None, None
+        # Scaling the saved buffer in place saves a fresh [N, V] allocation (page faults cost more than the
+        # multiply); safe because autograd frees the saved tensors right after this call.
+        return saved_grad.mul_(coef), None, None, None, None, None, None
+    return (saved_grad * coef).to(saved_grad.dtype), None, None, None, None, None, None
+
+
+torch.library.register_autograd("aioli_ext::group_cross_entropy_with_grad", _with_grad_backward,
+                                setup_context=_with_grad_setup_context)
+
+
+def _plain_setup_context(ctx, inputs, output):
+    logits, targets, group_ids, num_groups, ignore_index, seq_len = inputs
+    ctx.mark_non_differentiable(output[2])
+    ctx.save_for_backward(logits, targets, group_ids)
+    ctx.ignore_index = ignore_index
+    ctx.seq_len = seq_len
+
+
+def _plain_backward(ctx, grad_loss, grad_group_sums, _grad_counts):
+    # Reached only when torch.ops.aioli_ext.group_cross_entropy is called directly on logits that require grad
+    # (the wrapper takes the with_grad op then): re-read the logits once, every row as its own "group" so the
+    # kernel applies the per-row coefficient itself.
+    logits, targets, group_ids, = ctx.saved_tensors
+    _check_not_double_backward(logits)
+    rows = targets.shape[0]
+    coef = _row_coefficients(grad_loss, grad_group_sums, targets, group_ids, ctx.seq_len, ctx.ignore_index,
+                             _acc_dtype(logits))
+    row_ids = torch.arange(rows, dtype=torch.int64, device=logits.device)
+    _, _, _, grad_logits = _ops.group_cross_entropy_with_grad(
+        logits, targets, row_ids, max(rows, 1), ctx.ignore_index, 1, coef if rows else coef.new_zeros(1))
+    return grad_logits, None, None, None, None, None
+
+
+torch.library.register_autograd("aioli_ext::group_cross_entropy", _plain_backward,
+                                setup_context=_plain_setup_context)

@@ -1,0 +1,541 @@
+"""aioli_ext.group_cross_entropy / group_cross_entropy_fused and their ops against the pure-torch reference."""
+import pytest
+import torch
+
+import aioli_ext
+from aioli_ext import group_cross_entropy, group_cross_entropy_fused
+from aioli_ext.reference import group_cross_entropy_reference, group_objective_reference
+
+ops = torch.ops.aioli_ext
+
+CUDA_OK = torch.cuda.is_available() and aioli_ext.cuda_built()
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+        not CUDA_OK, reason="needs a GPU and a CUDA build of aioli_ext")]),
+]
+
+# (dtype, loss tolerance, gradient tolerance), used as rtol = atol.
+# The reference upcasts the very same logits to fp64, so for fp32/fp16/bf16 the loss differs only by the
+# kernel's fp32 accumulation and its polynomial exp (a few ulp of fp32, ~1e-6 relative): one loss tolerance
+# for all three. The gradient is stored in the logits' dtype, so its tolerance is that dtype's rounding of
+# values of magnitude <= ~1.5 (half an ulp plus one more rounding when backward rescales the saved rows:
+# 2^-7 for bf16, 2^-10 for fp16, a few 2^-24 for fp32). fp64 runs std::exp in fp64.
+DTYPE_TOLS = [
+    pytest.param(torch.float32, 1e-5, 1e-5, id="fp32"),
+    pytest.param(torch.bfloat16, 1e-5, 1e-2, id="bf16"),
+    pytest.param(torch.float16, 1e-5, 2e-3, id="fp16"),
+    pytest.param(torch.float64, 1e-10, 1e-10, id="fp64"),
+]
+
+
+def make_inputs(rows, vocab, num_groups, dtype=torch.float32, device="cpu", ignore_frac=0.1, seed=0,
+                scale=2.0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(rows, vocab, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    targets = torch.randint(0, vocab, (rows,), generator=gen)
+    targets[torch.rand(rows, generator=gen) < ignore_frac] = -100
+    group_ids = torch.randint(0, num_groups, (rows,), generator=gen)
+    return logits.to(device), targets.to(device), group_ids.to(device)
+
+
+def assert_close(actual, expected, tol):
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=tol, atol=tol)
+
+
+def assert_stats_match(got, ref, tol):
+    loss, group_sums, token_counts = got
+    ref_loss, ref_sums, ref_counts = ref
+    assert loss.shape == ref_loss.shape
+    assert_close(loss, ref_loss, tol)
+    assert_close(group_sums, ref_sums, tol)
+    assert torch.equal(token_counts.cpu(), ref_counts.cpu())
+
+
+@pytest.fixture
+def restore_cpu_capability():
+    yield
+    aioli_ext.cpu_capability("")
+
+
+def supported_capabilities():
+    best = aioli_ext.cpu_capability("")
+    return ["default", "avx2", "avx512"][: ["default", "avx2", "avx512"].index(best) + 1]
+
+
+# ------------------------------------------------------------------------------------------------- forward
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,loss_tol,grad_tol", DTYPE_TOLS)
+@pytest.mark.parametrize("rows,vocab", [(1, 1), (9, 3), (33, 111), (3, 50304), (0, 11), (1, 7), (4097, 37)])
+def test_forward_matches_reference(device, dtype, loss_tol, grad_tol, rows, vocab):
+    num_groups = 5
+    logits, targets, group_ids = make_inputs(rows, vocab, num_groups, dtype, device)
+    got = group_cross_entropy(logits, targets, group_ids, num_groups)
+    ref = group_cross_entropy_reference(logits, targets, group_ids, num_groups)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert got[0].dtype == acc and got[1].dtype == acc and got[2].dtype == torch.int64
+    assert_stats_match(got, ref, loss_tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ignored_rows_are_zero_and_uncounted(device):
+    logits, targets, group_ids = make_inputs(64, 50, 4, device=device, ignore_frac=0.5)
+    loss, group_sums, token_counts = group_cross_entropy(logits, targets, group_ids, 4)
+    ignored = targets == -100
+    assert ignored.any() and (~ignored).any()
+    assert torch.all(loss[ignored] == 0) and torch.all(loss[~ignored] > 0)
+    assert int(token_counts.sum()) == int((~ignored).sum())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_custom_ignore_index_inside_vocabulary(device):
+    logits, targets, group_ids = make_inputs(40, 20, 3, device=device, ignore_frac=0.0)
+    targets[::3] = 0
+    got = group_cross_entropy(logits, targets, group_ids, 3, ignore_index=0)
+    ref = group_cross_entropy_reference(logits, targets, group_ids, 3, ignore_index=0)
+    assert_stats_match(got, ref, 1e-5)
+    assert torch.all(got[0][targets == 0] == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_all_tokens_ignored(device):
+    logits, targets, group_ids = make_inputs(17, 30, 3, device=device)
+    targets.fill_(-100)
+    loss, group_sums, token_counts = group_cross_entropy(logits, targets, group_ids, 3)
+    assert torch.all(loss == 0) and torch.all(group_sums == 0) and torch.all(token_counts == 0)
+    result = group_cross_entropy_fused(logits, targets, group_ids, 3)
+    assert float(result.objective) == 0.0 and torch.all(result.grad == 0)
+    x = logits.clone().requires_grad_()
+    group_cross_entropy(x, targets, group_ids, 3)[0].sum().backward()
+    assert torch.all(x.grad == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_groups_get_zero(device):
+    logits, targets, group_ids = make_inputs(50, 40, 10, device=device)
+    group_ids = torch.where(group_ids < 5, 0, 3).to(device)
+    loss, group_sums, token_counts = group_cross_entropy(logits, targets, group_ids, 10)
+    empty = torch.ones(10, dtype=torch.bool)
+    empty[[0, 3]] = False
+    assert torch.all(group_sums.cpu()[empty] == 0) and torch.all(token_counts.cpu()[empty] == 0)
+    assert_stats_match((loss, group_sums, token_counts),
+                       group_cross_entropy_reference(logits, targets, group_ids, 10), 1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+def test_per_sequence_group_ids(device, id_dtype):
+    batch, seq, vocab, num_groups = 6, 7, 53, 4
+    logits, targets, _ = make_inputs(batch * seq, vocab, num_groups, device=device)
+    logits, targets = logits.view(batch, seq, vocab), targets.view(batch, seq)
+    seq_groups = torch.tensor([3, 0, 3, 1, 1, 2], dtype=id_dtype, device=device)
+    got = group_cross_entropy(logits, targets, seq_groups, num_groups)
+    assert got[0].shape == (batch, seq)
+    per_token = group_cross_entropy(logits, targets, seq_groups[:, None].expand(batch, seq), num_groups)
+    for a, b in zip(got, per_token):
+        assert torch.equal(a, b)
+    assert_stats_match(got, group_cross_entropy_reference(logits, targets, seq_groups, num_groups), 1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_int32_group_ids_match_int64(device):
+    logits, targets, group_ids = make_inputs(70, 90, 6, device=device)
+    a = group_cross_entropy(logits, targets, group_ids, 6)
+    b = group_cross_entropy(logits, targets, group_ids.int(), 6)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_million_groups(device):
+    num_groups = 1_000_000
+    logits, targets, _ = make_inputs(20, 30, 2, device=device)
+    group_ids = torch.arange(20, device=device) * 49_999 + 7
+    got = group_cross_entropy(logits, targets, group_ids, num_groups)
+    assert got[1].shape == (num_groups,)
+    assert_stats_match(got, group_cross_entropy_reference(logits, targets, group_ids, num_groups), 1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_and_extreme_logits(device):
+    logits, targets, group_ids = make_inputs(24, 300, 3, device=device, ignore_frac=0.0, scale=1e3)
+    logits[:, 100:] = float("-inf")  # a masked part of the vocabulary
+    logits[5] = float("-inf")
+    logits[5, 7] = 0.0
+    targets = targets % 100
+    targets[5] = 7  # its only finite logit: loss 0
+    got = group_cross_entropy(logits, targets, group_ids, 3)
+    ref = group_cross_entropy_reference(logits, targets, group_ids, 3)
+    assert torch.isfinite(got[0]).all()
+    assert_stats_match(got, ref, 1e-5)
+    result = group_cross_entropy_fused(logits, targets, group_ids, 3, normalize="none")
+    assert torch.all(result.grad[:, 100:] == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_logit_gives_nan_loss_for_its_row_only(device):
+    logits, targets, group_ids = make_inputs(8, 1000, 2, device=device, ignore_frac=0.0)
+    logits[3, 517] = float("nan")
+    loss = group_cross_entropy(logits, targets, group_ids, 2)[0]
+    assert torch.isnan(loss[3]) and torch.isfinite(loss[torch.arange(8, device=device) != 3]).all()
+
+
+# ------------------------------------------------------------------------------------------------ gradients
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,loss_tol,grad_tol", DTYPE_TOLS)
+@pytest.mark.parametrize("rows,vocab", [(33, 111), (5, 3000)])
+def test_backward_matches_reference_autograd(device, dtype, loss_tol, grad_tol, rows, vocab):
+    num_groups = 4
+    logits, targets, group_ids = make_inputs(rows, vocab, num_groups, dtype, device)
+    gen = torch.Generator().manual_seed(1)
+    grad_loss = (torch.rand(rows, generator=gen, dtype=torch.float64) + 0.25).to(device)
+    grad_sums = (torch.rand(num_groups, generator=gen, dtype=torch.float64) * 0.5).to(device)
+
+    x = logits.clone().requires_grad_()
+    loss, group_sums, _ = group_cross_entropy(x, targets, group_ids, num_groups)
+    ((loss * grad_loss.to(loss.dtype)).sum() + (group_sums * grad_sums.to(loss.dtype)).sum()).backward()
+
+    x_ref = logits.clone().requires_grad_()
+    ref_loss, ref_sums, _ = group_cross_entropy_reference(x_ref, targets, group_ids, num_groups)
+    ((ref_loss * grad_loss).sum() + (ref_sums * grad_sums).sum()).backward()
+
+    assert x.grad.dtype == dtype
+    assert_close(x.grad, x_ref.grad, grad_tol)
+    assert_close(loss, ref_loss, loss_tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_through_per_sequence_ids_and_3d_logits(device):
+    batch, seq, vocab, num_groups = 3, 5, 40, 3
+    logits, targets, _ = make_inputs(batch * seq, vocab, num_groups, device=device)
+    logits, targets = logits.view(batch, seq, vocab), targets.view(batch, seq)
+    seq_groups = torch.tensor([2, 0, 2], device=device)
+    weights = torch.tensor([0.5, 2.0, 1.5], device=device)
+    x = logits.clone().requires_grad_()
+    _, group_sums, _ = group_cross_entropy(x, targets, seq_groups, num_groups)
+    (group_sums * weights).sum().backward()
+    x_ref = logits.double().requires_grad_()
+    (group_cross_entropy_reference(x_ref, targets, seq_groups, num_groups)[1] * weights.double()).sum().backward()
+    assert_close(x.grad, x_ref.grad, 1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_fp64(device):
+    logits, targets, group_ids = make_inputs(12, 9, 3, torch.float64, device, ignore_frac=0.2)
+    x = logits.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a: group_cross_entropy(a, targets, group_ids, 3)[:2], (x,))
+    # The raw op's own autograd (re-reads the logits in backward) must be right as well.
+    assert torch.autograd.gradcheck(lambda a: ops.group_cross_entropy(a, targets, group_ids, 3, -100, 1)[:2], (x,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_retained_graph_gives_the_same_gradient_twice(device):
+    logits, targets, group_ids = make_inputs(30, 64, 3, device=device)
+    x = logits.clone().requires_grad_()
+    loss = group_cross_entropy(x, targets, group_ids, 3)[0]
+    first = torch.autograd.grad(loss.sum() * 0.5, x, retain_graph=True)[0]
+    second = torch.autograd.grad(loss.sum() * 0.5, x)[0]
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_double_backward_is_rejected(device):
+    logits, targets, group_ids = make_inputs(10, 20, 2, device=device)
+    x = logits.clone().requires_grad_()
+    for loss in (group_cross_entropy(x, targets, group_ids, 2)[0],
+                 ops.group_cross_entropy(x, targets, group_ids, 2, -100, 1)[0]):
+        with pytest.raises(RuntimeError, match="not twice differentiable"):
+            torch.autograd.grad(loss.sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_with_grad_op_output_is_not_modified_by_backward(device):
+    # Calling the op directly, the caller holds grad_logits: backward must not scale it in place.
+    logits, targets, group_ids = make_inputs(20, 50, 2, device=device)
+    x = logits.clone().requires_grad_()
+    scale = torch.ones(2, device=device)
+    loss, _, _, grad_logits = ops.group_cross_entropy_with_grad(x, targets, group_ids, 2, -100, 1, scale)
+    before = grad_logits.clone()
+    (loss.sum() * 3.0).backward()
+    assert torch.equal(grad_logits, before)
+    assert_close(x.grad, before * 3.0, 1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- fused path
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,loss_tol,grad_tol", DTYPE_TOLS)
+@pytest.mark.parametrize("normalize", ["tokens", "groups", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fused_objective_and_gradient(device, dtype, loss_tol, grad_tol, normalize, weighted):
+    num_groups = 5
+    logits, targets, group_ids = make_inputs(41, 77, num_groups, dtype, device)
+    group_ids[group_ids == 4] = 3  # group 4 empty: its weight must not matter
+    weights = torch.tensor([0.1, 0.3, 0.2, 0.4, 7.0], device=device) if weighted else None
+    result = group_cross_entropy_fused(logits, targets, group_ids, num_groups, group_weights=weights,
+                                       normalize=normalize)
+    x_ref = logits.clone().requires_grad_()
+    _, ref_sums, ref_counts = group_cross_entropy_reference(x_ref, targets, group_ids, num_groups)
+    ref_objective = group_objective_reference(ref_sums, ref_counts, weights, normalize)
+    ref_objective.backward()
+    assert_close(result.objective, ref_objective, loss_tol)
+    assert result.grad.dtype == dtype and result.grad.shape == logits.shape
+    # The gradient here is the objective's (scale <= 1 per row), so the same dtype tolerance holds.
+    assert_close(result.grad, x_ref.grad, grad_tol)
+    assert_stats_match(result[:3], group_cross_entropy_reference(logits, targets, group_ids, num_groups), loss_tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_buffer_reuse_and_in_place(device):
+    batch, seq, vocab, num_groups = 4, 6, 97, 3
+    logits, targets, _ = make_inputs(batch * seq, vocab, num_groups, device=device)
+    logits, targets = logits.view(batch, seq, vocab), targets.view(batch, seq)
+    seq_groups = torch.tensor([0, 2, 2, 1], device=device)
+    fresh = group_cross_entropy_fused(logits, targets, seq_groups, num_groups, normalize="groups")
+    buffer = torch.full_like(logits, 123.0)
+    reused = group_cross_entropy_fused(logits, targets, seq_groups, num_groups, normalize="groups", grad_out=buffer)
+    assert reused.grad.data_ptr() == buffer.data_ptr() and torch.equal(buffer, fresh.grad)
+    overwritten = logits.clone()
+    in_place = group_cross_entropy_fused(overwritten, targets, seq_groups, num_groups, normalize="groups",
+                                         inplace=True)
+    assert in_place.grad.data_ptr() == overwritten.data_ptr()
+    assert torch.equal(overwritten, fresh.grad)
+    for a, b in zip(in_place[:4], fresh[:4]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype,vocab", [(torch.float32, 65536), (torch.bfloat16, 65537)])
+def test_large_gradient_buffers_fresh_reused_and_in_place_agree(dtype, vocab):
+    # Over 16 MB, so the CPU kernel writes a reused (resident) buffer with streaming stores, a fresh one with
+    # plain stores on huge pages; odd vocab sizes misalign the rows and exercise the peeled head of each row.
+    rows = 72 if dtype == torch.float32 else 130
+    logits, targets, group_ids = make_inputs(rows, vocab, 3, dtype)
+    fresh = group_cross_entropy_fused(logits, targets, group_ids, 3, normalize="groups")
+    buffer = torch.zeros_like(logits)
+    reused = group_cross_entropy_fused(logits, targets, group_ids, 3, normalize="groups", grad_out=buffer)
+    overwritten = logits.clone()
+    group_cross_entropy_fused(overwritten, targets, group_ids, 3, normalize="groups", inplace=True)
+    assert torch.equal(reused.grad, fresh.grad) and torch.equal(overwritten, fresh.grad)
+    x_ref = logits.clone().requires_grad_()
+    _, sums, counts = group_cross_entropy_reference(x_ref, targets, group_ids, 3)
+    group_objective_reference(sums, counts, normalize="groups").backward()
+    assert_close(fresh.grad, x_ref.grad, 1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_gradient_feeds_autograd(device):
+    # Typical use: the model's logits require grad; the fused gradient goes back through logits.backward().
+    logits, targets, group_ids = make_inputs(16, 40, 2, device=device)
+    weight = torch.randn(40, 40, dtype=torch.float32, device=device, requires_grad=True)
+    hidden = logits.float()
+    out = group_cross_entropy_fused(hidden @ weight, targets, group_ids, 2)
+    (hidden @ weight).backward(out.grad)
+    ref_weight = weight.detach().clone().requires_grad_()
+    _, sums, counts = group_cross_entropy_reference(hidden @ ref_weight, targets, group_ids, 2)
+    group_objective_reference(sums, counts).backward()
+    assert_close(weight.grad, ref_weight.grad, 1e-5)
+
+
+# ------------------------------------------------------------------------------------- torch.library checks
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op_name", ["group_cross_entropy", "group_cross_entropy_with_grad",
+                                     "group_cross_entropy_fused"])
+@pytest.mark.parametrize("per_sequence", [False, True])
+def test_opcheck(device, op_name, per_sequence):
+    logits, targets, group_ids = make_inputs(12, 19, 3, torch.float32, device)
+    seq_len = 4 if per_sequence else 1
+    if per_sequence:
+        group_ids = group_ids[:3]
+    scale = torch.tensor([0.5, 1.0, 2.0], device=device)
+    x = logits.clone().requires_grad_(op_name != "group_cross_entropy_fused")
+    args = {
+        "group_cross_entropy": (x, targets, group_ids, 3, -100, seq_len),
+        "group_cross_entropy_with_grad": (x, targets, group_ids, 3, -100, seq_len, scale),
+        "group_cross_entropy_fused": (x, targets, group_ids, 3, -100, seq_len, scale, torch.empty_like(x)),
+    }[op_name]
+    torch.library.opcheck(getattr(ops, op_name), args)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    def mean_loss_and_group_means(logits, targets, group_ids):
+        loss, group_sums, token_counts = group_cross_entropy(logits, targets, group_ids, 4)
+        return group_sums.sum() / token_counts.sum(), group_sums / token_counts.clamp_min(1)
+
+    compiled = torch.compile(mean_loss_and_group_means, fullgraph=True)
+    logits, targets, group_ids = make_inputs(24, 33, 4, device=device)
+    x_eager = logits.clone().requires_grad_()
+    x_compiled = logits.clone().requires_grad_()
+    eager = mean_loss_and_group_means(x_eager, targets, group_ids)
+    got = compiled(x_compiled, targets, group_ids)
+    assert_close(got[0], eager[0], 1e-6)
+    assert_close(got[1], eager[1], 1e-6)
+    got[0].backward()
+    eager[0].backward()
+    assert_close(x_compiled.grad, x_eager.grad, 1e-6)
+    with torch.no_grad():
+        assert_close(compiled(logits, targets, group_ids)[0], eager[0], 1e-6)
+
+
+# ------------------------------------------------------------------------------- CPU threads and ISA paths
+
+def test_results_do_not_depend_on_thread_count():
+    logits, targets, group_ids = make_inputs(515, 3001, 7, dtype=torch.bfloat16)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            stats = group_cross_entropy(logits, targets, group_ids, 7)
+            fused = group_cross_entropy_fused(logits, targets, group_ids, 7, normalize="groups")
+            results.append((*stats, fused.objective, fused.grad))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype,loss_tol,grad_tol", DTYPE_TOLS)
+def test_each_cpu_isa_path(restore_cpu_capability, dtype, loss_tol, grad_tol):
+    # Odd vocabulary sizes exercise the vector tails of every lane width (8 and 16 fp32 lanes).
+    logits, targets, group_ids = make_inputs(37, 1237, 5, dtype)
+    ref = group_cross_entropy_reference(logits, targets, group_ids, 5)
+    x_ref = logits.clone().requires_grad_()
+    _, ref_sums, ref_counts = group_cross_entropy_reference(x_ref, targets, group_ids, 5)
+    group_objective_reference(ref_sums, ref_counts, normalize="groups").backward()
+    outputs = {}
+    for capability in supported_capabilities():
+        assert aioli_ext.cpu_capability(capability) == capability
+        got = group_cross_entropy(logits, targets, group_ids, 5)
+        assert_stats_match(got, ref, loss_tol)
+        fused = group_cross_entropy_fused(logits, targets, group_ids, 5, normalize="groups")
+        assert_close(fused.grad, x_ref.grad, grad_tol)
+        outputs[capability] = (got[0], fused.grad)
+    for loss, grad in outputs.values():
+        assert_close(loss, outputs["default"][0], loss_tol)
+        assert_close(grad, outputs["default"][1], grad_tol)
+
+
+def test_cpu_capability_rejects_unknown_names(restore_cpu_capability):
+    with pytest.raises(RuntimeError, match="force must be one of"):
+        aioli_ext.cpu_capability("sse9")
+
+
+# -------------------------------------------------------------------------------------------- bad input
+
+def _valid(device, rows=6, vocab=10, num_groups=3):
+    return make_inputs(rows, vocab, num_groups, device=device, ignore_frac=0.0)
+
+
+BAD_INPUTS = {
+    "logits_1d": (lambda l, t, g: (l[0], t, g, 3), ValueError, r"logits must be 2-D \[N, V\] or 3-D \[B, T, V\]"),
+    "logits_int": (lambda l, t, g: (l.long(), t, g, 3), RuntimeError,
+                   r"logits must be float32, float16, bfloat16 or float64, got Long"),
+    "logits_no_columns": (lambda l, t, g: (l[:, :0], t, g, 3), RuntimeError,
+                          r"logits must have at least one column \(vocabulary size V >= 1\)"),
+    "targets_float": (lambda l, t, g: (l, t.float(), g, 3), RuntimeError, r"targets must be int64, got Float"),
+    "targets_shape": (lambda l, t, g: (l, t[:-1], g, 3), ValueError,
+                      r"targets must have shape logits.shape\[:-1\] = \(6,\), got \(5,\)"),
+    "group_ids_float": (lambda l, t, g: (l, t, g.float(), 3), RuntimeError,
+                        r"group_ids must be int32 or int64, got Float"),
+    "group_ids_shape": (lambda l, t, g: (l, t, g[:-1], 3), ValueError,
+                        r"group_ids must have the targets' shape \(6,\) \(one id per token\), got \(5,\)"),
+    "group_ids_per_sequence_shape": (
+        lambda l, t, g: (l.view(2, 3, 10), t.view(2, 3), g[:4], 3), ValueError,
+        r"group_ids must have the targets' shape \(2, 3\) \(one id per token\) or \[B\] = \(2,\) "
+        r"\(one id per sequence\), got \(4,\)"),
+    "target_too_large": (lambda l, t, g: (l, t.index_fill(0, torch.tensor([3], device=t.device), 10), g, 3),
+                         RuntimeError, r"targets must be in \[0, V\) = \[0, 10\) or equal ignore_index \(-100\), "
+                                       r"got targets\[3\] = 10"),
+    "target_negative": (lambda l, t, g: (l, t.index_fill(0, torch.tensor([0], device=t.device), -1), g, 3),
+                        RuntimeError, r"targets must be in \[0, V\) = \[0, 10\) or equal ignore_index \(-100\), "
+                                      r"got targets\[0\] = -1"),
+    "group_id_too_large": (lambda l, t, g: (l, t, g.index_fill(0, torch.tensor([5], device=g.device), 3), 3),
+                           RuntimeError, r"group_ids must be in \[0, num_groups\) = \[0, 3\), got group_ids\[5\] = 3"),
+    "group_id_negative": (lambda l, t, g: (l, t, g.index_fill(0, torch.tensor([2], device=g.device), -2), 3),
+                          RuntimeError, r"group_ids must be in \[0, num_groups\) = \[0, 3\), got group_ids\[2\] = -2"),
+    "no_groups": (lambda l, t, g: (l, t, g.clamp_max(0), 0), RuntimeError, r"num_groups must be >= 1, got 0"),
+    "targets_other_device": (lambda l, t, g: (l, t.to("meta"), g, 3), ValueError,
+                             r"logits and targets must be on the same device, got \w+(:\d)? and meta"),
+    "group_ids_other_device": (lambda l, t, g: (l, t, g.to("meta"), 3), ValueError,
+                               r"logits and group_ids must be on the same device, got \w+(:\d)? and meta"),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_bad_input_is_rejected_with_its_rule(device, case, requires_grad):
+    make_args, error, message = BAD_INPUTS[case]
+    logits, targets, group_ids = _valid(device)
+    args = make_args(logits, targets, group_ids)
+    if requires_grad and args[0].is_floating_point():
+        args = (args[0].clone().requires_grad_(),) + args[1:]
+    with pytest.raises(error, match=message):
+        group_cross_entropy(*args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_op_level_arguments(device):
+    logits, targets, group_ids = _valid(device)
+    scale = torch.ones(3, device=device)
+    with pytest.raises(RuntimeError, match=r"logits must be 2-D \[N, V\], got 3-D tensor of shape \[2, 3, 10\]"):
+        ops.group_cross_entropy(logits.view(2, 3, 10), targets, group_ids, 3, -100, 1)
+    with pytest.raises(RuntimeError, match=r"seq_len must divide the number of rows N = 6, got seq_len = 4"):
+        ops.group_cross_entropy(logits, targets, group_ids[:1], 3, -100, 4)
+    with pytest.raises(RuntimeError, match=r"seq_len must be >= 1, got 0"):
+        ops.group_cross_entropy(logits, targets, group_ids, 3, -100, 0)
+    with pytest.raises(RuntimeError, match=r"group_ids must be 1-D \[N / seq_len\] \(one id per sequence of "
+                                           r"seq_len rows\) = \[2\], got shape \[3\]"):
+        ops.group_cross_entropy(logits, targets, group_ids[:3], 3, -100, 3)
+    with pytest.raises(RuntimeError, match=r"group_scale must be float32 \(float32 for Float logits\), got Double"):
+        ops.group_cross_entropy_with_grad(logits, targets, group_ids, 3, -100, 1, scale.double())
+    with pytest.raises(RuntimeError, match=r"group_scale must be 1-D \[num_groups\] = \[3\], got shape \[2\]"):
+        ops.group_cross_entropy_with_grad(logits, targets, group_ids, 3, -100, 1, scale[:2])
+    with pytest.raises(RuntimeError, match=r"grad_logits must have the logits' dtype Float, got Half"):
+        ops.group_cross_entropy_fused(logits, targets, group_ids, 3, -100, 1, scale, logits.half())
+    with pytest.raises(RuntimeError, match=r"grad_logits must have the logits' shape \[6, 10\], got \[6, 9\]"):
+        ops.group_cross_entropy_fused(logits, targets, group_ids, 3, -100, 1, scale, logits[:, :9].clone())
+    with pytest.raises(RuntimeError, match=r"grad_logits must be contiguous"):
+        ops.group_cross_entropy_fused(logits, targets, group_ids, 3, -100, 1, scale,
+                                      torch.empty(10, 6, device=device).t())
+    storage = torch.zeros(70, device=device)
+    overlapping = storage[:60].view(6, 10)
+    with pytest.raises(RuntimeError, match=r"grad_logits must be logits itself \(in place\) or not overlap it"):
+        ops.group_cross_entropy_fused(overlapping, targets, group_ids, 3, -100, 1, scale,
+                                      storage[10:70].view(6, 10))
+
+
+@pytest.mark.skipif(not CUDA_OK, reason="needs a GPU and a CUDA build of aioli_ext")
+@pytest.mark.cuda
+def test_op_rejects_tensors_on_different_devices():
+    logits, targets, group_ids = _valid("cpu")
+    with pytest.raises(RuntimeError, match=r"logits and targets must be on the same device, got cuda:0 and cpu"):
+        ops.group_cross_entropy(logits.cuda(), targets, group_ids.cuda(), 3, -100, 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_fused_arguments(device):
+    logits, targets, group_ids = _valid(device)
+    with pytest.raises(ValueError, match=r"normalize must be one of \('tokens', 'groups', 'none'\), got 'mean'"):
+        group_cross_entropy_fused(logits, targets, group_ids, 3, normalize="mean")
+    with pytest.raises(ValueError, match=r"pass either grad_out or inplace=True, not both"):
+        group_cross_entropy_fused(logits, targets, group_ids, 3, grad_out=torch.empty_like(logits), inplace=True)
+    with pytest.raises(ValueError, match=r"grad_out must have the logits' shape \(6, 10\) and dtype torch.float32"):
+        group_cross_entropy_fused(logits, targets, group_ids, 3, grad_out=torch.empty_like(logits).half())
+    with pytest.raises(ValueError, match=r"grad_out must be contiguous"):
+        group_cross_entropy_fused(logits, targets, group_ids, 3, grad_out=torch.empty(10, 6, device=device).t())
+    with pytest.raises(ValueError, match=r"inplace=True needs contiguous logits"):
+        group_cross_entropy_fused(torch.empty(10, 6, device=device).t(), targets, group_ids, 3, inplace=True)
+    with pytest.raises(ValueError, match=r"group_weights must be 1-D \[num_groups\] = \[3\], got \(2,\)"):
+        group_cross_entropy_fused(logits, targets, group_ids, 3, group_weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match=r"num_groups must be >= 1, got 0"):
+        group_cross_entropy_fused(logits, targets, group_ids, 0)
+    bad_ids = group_ids.clone()
+    bad_ids[4] = 7
+    with pytest.raises(RuntimeError, match=r"group_ids must be in \[0, num_groups\) = \[0, 3\), got group_ids\[4\] = 7"):
+        group_cross_entropy_fused(logits, targets, bad_ids, 3)
