@@ -13,11 +13,11 @@ from . import _extension  # noqa: F401  (loads the compiled library and register
 _ops = torch.ops.aioli_ext
 
 
-def cpu_capability(force: str = "") -> str:
+def cpu_capability(force: Optional[str] = None) -> str:
     """Return the ISA the CPU kernels dispatch to ("default", "avx2" or "avx512").
 
-    ``force`` pins one (it must be supported by this CPU) for the whole process, e.g. to test each vectorised
-    path; ``force=""`` returns to the detected best. The environment variable AIOLI_EXT_CPU_CAPABILITY caps
+    ``force=None`` only asks. A name pins that ISA (it must be supported by this CPU) for the whole process,
+    e.g. to test each vectorised path; ``force=""`` returns to the detected best. The environment variable AIOLI_EXT_CPU_CAPABILITY caps
     the detected value.
     """
     return _ops.cpu_capability(force)

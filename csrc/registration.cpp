@@ -24,9 +24,10 @@ TORCH_LIBRARY(aioli_ext, m) {
         "-> (Tensor loss, Tensor group_sums, Tensor token_counts)");
 
   // ---- CPU kernel selection (csrc/cpu/cpu_capability.cpp) ----
-  // Returns the capability the CPU kernels dispatch to ("default", "avx2", "avx512"); a non-empty `force`
-  // overrides it for this process (tests use it to exercise each path), "" resets to the detected one.
-  m.def("cpu_capability(str force=\"\") -> str");
+  // Returns the capability the CPU kernels dispatch to ("default", "avx2", "avx512"). None only asks; a
+  // non-empty `force` pins one for this process (tests use it to exercise each path); "" resets to the
+  // detected one.
+  m.def("cpu_capability(str? force=None) -> str");
 
   // ---- mixture sampling (csrc/cpu/mixture_sample_cpu.cpp, csrc/cuda/mixture_sample_cuda.cu) ----
   // (schemas added with the sampler)

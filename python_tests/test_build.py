@@ -42,7 +42,7 @@ def test_cpu_capability_force_and_reset():
 def test_mismatched_torch_build_is_reported(monkeypatch):
     info = importlib.import_module("aioli_ext._build_info")
     monkeypatch.setattr(info, "TORCH_VERSION", "1.0.0")
-    with pytest.raises(ImportError, match=r"built against torch 1\.0\.0.*pip install --no-build-isolation"):
+    with pytest.raises(ImportError, match=r"(?s)built against torch 1\.0\.0.*pip install --no-build-isolation"):
         _extension.load()
 
 

@@ -3,6 +3,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <string>
 
 #include <c10/util/Exception.h>
@@ -55,8 +56,9 @@ CpuCapability detected() {
 // -1: not forced.
 std::atomic<int> forced{-1};
 
-std::string cpu_capability_op(c10::string_view force) {
-  std::string f(force.data(), force.size());
+std::string cpu_capability_op(std::optional<c10::string_view> force) {
+  if (!force.has_value()) return cpu_capability_name(cpu_capability());
+  std::string f(force->data(), force->size());
   if (!f.empty()) {
     CpuCapability cap;
     TORCH_CHECK(parse(f, &cap), "force must be one of '', 'default', 'avx2', 'avx512', got '", f, "'");
