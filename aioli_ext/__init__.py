@@ -5,6 +5,7 @@ Compiled kernels for per-group token losses and mixture sampling, and the mixers
 from ._extension import cuda_built
 from . import ops
 from .ops import GroupCrossEntropyResult, cpu_capability, group_cross_entropy, group_cross_entropy_fused
+from .losses import group_linear_cross_entropy
 from . import mixing
 
 __version__ = "0.1.0"

@@ -72,3 +72,28 @@ def group_cross_entropy_eager(logits: torch.Tensor, targets: torch.Tensor, group
     token_counts = torch.zeros(num_groups, dtype=torch.int64, device=logits.device).index_add_(
         0, ids, (targets.reshape(-1) != ignore_index).long())
     return loss.view(targets.shape), group_sums, token_counts
+
+
+def group_linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                         group_ids: torch.Tensor, num_groups: int, *,
+                                         bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
+                                         compute_dtype: torch.dtype = torch.float64):
+    """Reference of ``aioli_ext.group_linear_cross_entropy``: logits = hidden @ weight.T (+ bias) computed in
+    ``compute_dtype`` (fp64 by default) from the given values, then :func:`group_cross_entropy_reference`.
+    Differentiable with respect to hidden, weight and bias (plain autograd)."""
+    logits = hidden.to(compute_dtype) @ weight.to(compute_dtype).T
+    if bias is not None:
+        logits = logits + bias.to(compute_dtype)
+    return group_cross_entropy_reference(logits, targets, group_ids, num_groups, ignore_index=ignore_index,
+                                         compute_dtype=compute_dtype)
+
+
+def group_linear_cross_entropy_eager(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                     group_ids: torch.Tensor, num_groups: int, *,
+                                     bias: Optional[torch.Tensor] = None, ignore_index: int = -100):
+    """What users write today (the benchmark baseline): ``hidden @ weight.T`` (+ bias) in the inputs' dtype,
+    materialising the [N, V] logits, then :func:`group_cross_entropy_eager` (F.cross_entropy + index_add_)."""
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    return group_cross_entropy_eager(logits, targets, group_ids, num_groups, ignore_index=ignore_index)
