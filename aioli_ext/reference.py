@@ -57,6 +57,8 @@ def philox4x32(counters: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
 
 _MASK64 = (1 << 64) - 1
 SMALL_PERMUTATION_SIZE = 20
+WIDE_FEISTEL_ROUNDS = 4
+WIDE_FEISTEL_BITS = 10
 
 
 def _mix(v):
@@ -78,8 +80,8 @@ def _round_function(half: np.ndarray, key: int, out_bits: int) -> np.ndarray:
 
 
 class FeistelPermutation:
-    """The keyed bijection of [0, n): a Fisher-Yates shuffle decoded from the key for n <= 20, else a six-round
-    unbalanced Feistel network on [0, 2^m) with cycle walking down to [0, n)."""
+    """The keyed bijection of [0, n): a Fisher-Yates shuffle decoded from the key for n <= 20, else an unbalanced
+    Feistel network on [0, 2^m) (six rounds, four when m >= 10) with cycle walking down to [0, n)."""
 
     def __init__(self, n: int, keys: Sequence[int]):
         self.n = int(n)
@@ -95,7 +97,8 @@ class FeistelPermutation:
         wl, wr = self.left_bits, self.right_bits
         left = x >> np.uint64(wr)
         right = x & np.uint64((1 << wr) - 1)
-        for key in self.keys:
+        rounds = WIDE_FEISTEL_ROUNDS if wl + wr >= WIDE_FEISTEL_BITS else len(self.keys)
+        for key in self.keys[:rounds]:
             left, right = right, left ^ _round_function(right, key, wl)
             wl, wr = wr, wl
         return (left << np.uint64(wr)) | right

@@ -95,6 +95,28 @@ def test_permutation_pairs_are_uniform(n):
     assert scipy.stats.chisquare(pairs[~np.eye(n, dtype=bool)]).pvalue > P_VALUE_THRESHOLD
 
 
+@pytest.mark.parametrize("n", [1100, 2**16 + 5])
+def test_wide_permutation_pairs_and_order_look_random(n):
+    # Four-round domains (2^10 and up): (perm(0), perm(1)) binned 8 x 8 over 16000 keys against the
+    # without-replacement expectation, and no rank correlation between x and perm(x) within single keys
+    # (|z| < 4.5 over 40 keys, with z = rho * sqrt(n - 1) standard normal for a random order).
+    keys, bins = 16000, 8
+    edges = np.linspace(0, n, bins + 1).astype(np.int64)
+    first = np.empty((keys, 2), dtype=np.int64)
+    for g in range(keys):
+        first[g] = ops.keyed_permutation(torch.tensor([0, 1]), n, 4, g, 0).numpy()
+    cell = np.searchsorted(edges, first, side="right") - 1
+    observed = np.zeros((bins, bins))
+    np.add.at(observed, (cell[:, 0], cell[:, 1]), 1)
+    width = np.diff(edges)
+    expected = (np.outer(width, width) - np.diag(width)) / (n * (n - 1)) * keys
+    assert scipy.stats.chisquare(observed.ravel(), expected.ravel()).pvalue > P_VALUE_THRESHOLD
+    for g in range(40):
+        image = ops.keyed_permutation(torch.arange(n), n, 4, g, 3).numpy()
+        rho = np.corrcoef(np.arange(n), image)[0, 1]
+        assert abs(rho * np.sqrt(n - 1)) < 4.5
+
+
 def test_thresholds_match_reference_and_skip_zero_groups():
     p = torch.tensor([0.0, 0.3, 1e-12, 0.0, 2.5, 0.7, 0.0])
     sizes = torch.full((7,), 10, dtype=torch.int64)
