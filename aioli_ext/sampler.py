@@ -178,6 +178,8 @@ class MixtureSampler:
         self._cursor = torch.zeros(num_groups, dtype=torch.int64, device=self.device)
         self._residual = torch.zeros(num_groups, dtype=torch.int64) if mode == "systematic" else None
         self._table_key: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None
+        self._last_object: Optional[torch.Tensor] = None
+        self._last_version = -1
         self._tables: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     def _parse_max_epochs(self, max_epochs) -> Optional[List[int]]:
@@ -240,11 +242,18 @@ class MixtureSampler:
         batch_size = _check_int(batch_size, "batch_size", 1, 1 << 31)
         if batch_size % self.world_size:
             raise ValueError(f"batch_size ({batch_size}) must be divisible by world_size ({self.world_size})")
-        p = _proportions_cpu(proportions)
-        try:
-            cumulative, guide = self._thresholds(p)
-        except RuntimeError as exc:
-            raise ValueError(str(exc).split("\n")[0]) from None
+        if (self._capacity is None and isinstance(proportions, torch.Tensor) and proportions is self._last_object
+                and proportions._version == self._last_version):
+            # The same, unmodified tensor as last call: skip the conversion and the O(K) comparison.
+            cumulative, guide = self._tables
+        else:
+            p = _proportions_cpu(proportions)
+            try:
+                cumulative, guide = self._thresholds(p)
+            except RuntimeError as exc:
+                raise ValueError(str(exc).split("\n")[0]) from None
+            if isinstance(proportions, torch.Tensor):
+                self._last_object, self._last_version = proportions, proportions._version
         backup = None
         if self._capacity is not None:
             # A call that runs out of open groups half-way must leave the state as it was.
@@ -337,6 +346,7 @@ class MixtureSampler:
         if self._residual is not None:
             self._residual.copy_(torch.as_tensor(state["residual"], dtype=torch.int64))
         self._table_key = None
+        self._last_object = None
 
     def __repr__(self) -> str:
         return (f"MixtureSampler(K={self.num_groups}, samples={self.total_samples}, mode={self.mode!r}, "

@@ -74,13 +74,13 @@ AIOLI_HOST_DEVICE KeyedPermutation group_epoch_permutation(uint64_t seed, uint64
 // First g in [lo, hi] with cumulative[g + 1] > value, for a non-decreasing table whose entry hi + 1 exceeds
 // value. Groups with zero weight (cumulative[g + 1] == cumulative[g]) can never be returned.
 AIOLI_HOST_DEVICE int64_t find_group(const int64_t* cumulative, int64_t lo, int64_t hi, uint64_t value) {
+  // Written as selects rather than branches: the comparisons are data-dependent coin flips that a branch
+  // predictor would get wrong half the time.
   while (lo < hi) {
     const int64_t mid = lo + ((hi - lo) >> 1);
-    if (static_cast<uint64_t>(cumulative[mid + 1]) > value) {
-      hi = mid;
-    } else {
-      lo = mid + 1;
-    }
+    const bool above = static_cast<uint64_t>(cumulative[mid + 1]) > value;
+    hi = above ? mid : hi;
+    lo = above ? lo : mid + 1;
   }
   return lo;
 }

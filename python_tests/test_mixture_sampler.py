@@ -298,6 +298,17 @@ def test_same_seed_same_draws_other_seed_other_draws():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_proportions_modified_in_place_are_seen():
+    sampler = MixtureSampler([10, 10], seed=0)
+    p = torch.tensor([1.0, 0.0])
+    assert bool((sampler.sample(4, p)[1] == 0).all())
+    p[0], p[1] = 0.0, 1.0
+    assert bool((sampler.sample(4, p)[1] == 1).all())
+    p[1] = float("nan")
+    with pytest.raises(ValueError, match="proportions must be finite"):
+        sampler.sample(4, p)
+
+
 def test_state_is_small_and_loading_another_index_fails():
     sampler = MixtureSampler([10, 20, 30], seed=1)
     sampler.sample(8, [1, 1, 1])

@@ -281,6 +281,24 @@ std::vector<int64_t> sample_systematic_round0(const mixture::SampleShape& shape,
     remaining.resize(num_groups);
     for (int64_t g = 0; g < num_groups; ++g) remaining[g] = capacity[g] - cursor[g];
   }
+  // A guide over the group-major list (bucket of entry q -> first candidate group), like the threshold guide
+  // of the i.i.d. draws: O(1) expected search steps and a small table, where a binary search over K would stall
+  // on dependent loads. Same result as mixture::find_group over the whole table (what the CUDA kernel does).
+  const int entry_bits = bit_width_u64(static_cast<uint64_t>(batch - 1));
+  const int bucket_bits = std::min(entry_bits, bit_width_u64(static_cast<uint64_t>(num_groups - 1)));
+  const int bucket_shift = entry_bits - bucket_bits;
+  const int64_t buckets = int64_t{1} << bucket_bits;
+  std::vector<int32_t> entry_guide(buckets + 1);
+  {
+    int64_t g = 0;
+    for (int64_t b = 0; b < buckets; ++b) {
+      const int64_t point = b << bucket_shift;
+      while (g < num_groups - 1 && slot_counts[g + 1] <= point) ++g;
+      entry_guide[b] = static_cast<int32_t>(g);
+    }
+    entry_guide[buckets] = static_cast<int32_t>(num_groups - 1);
+  }
+  const bool large_tables = num_groups > 4096;
   const int64_t num_chunks = chunk_count(batch);
   std::vector<std::vector<int64_t>> pending(num_chunks);
   at::parallel_for(0, num_chunks, 1, [&](int64_t cb, int64_t ce) {
@@ -290,17 +308,43 @@ std::vector<int64_t> sample_systematic_round0(const mixture::SampleShape& shape,
       const int64_t end = chunk_begin(c + 1, num_chunks, batch);
       const int64_t from = shape.capped ? begin : std::max(begin, lo);
       const int64_t to = shape.capped ? end : std::min(end, hi);
-      for (int64_t j = from; j < to; ++j) {
-        const int64_t q = static_cast<int64_t>(order(static_cast<uint64_t>(j)));
-        const int64_t g = mixture::find_group(slot_counts.data(), 0, num_groups - 1, static_cast<uint64_t>(q));
-        const int64_t k = q - slot_counts[g];
-        if (shape.capped && k >= remaining[g]) {
-          pending[c].push_back(j);
-          continue;
+      // Blocks of slots in stages (entries, then groups, then samples), each stage prefetching what the next
+      // one reads, so that with large K the table look-ups of a block overlap.
+      constexpr int kBlock = 32;
+      int64_t entry[kBlock];
+      int64_t group[kBlock];
+      for (int64_t j0 = from; j0 < to; j0 += kBlock) {
+        const int n = static_cast<int>(std::min<int64_t>(kBlock, to - j0));
+        for (int i = 0; i < n; ++i) {
+          entry[i] = static_cast<int64_t>(order(static_cast<uint64_t>(j0 + i)));
+          if (large_tables) __builtin_prefetch(entry_guide.data() + (entry[i] >> bucket_shift));
         }
-        if (j >= lo && j < hi) {
-          out_ids[j - lo] = index.sample(cache, g, cursor[g] + k);
-          out_groups[j - lo] = g;
+        if (large_tables) {
+          for (int i = 0; i < n; ++i) {
+            __builtin_prefetch(slot_counts.data() + entry_guide[entry[i] >> bucket_shift] + 1);
+          }
+        }
+        for (int i = 0; i < n; ++i) {
+          const int64_t bucket = entry[i] >> bucket_shift;
+          group[i] = mixture::find_group(slot_counts.data(), entry_guide[bucket], entry_guide[bucket + 1],
+                                         static_cast<uint64_t>(entry[i]));
+          if (large_tables) {
+            __builtin_prefetch(cursor + group[i]);
+            index.prefetch(group[i]);
+          }
+        }
+        for (int i = 0; i < n; ++i) {
+          const int64_t j = j0 + i;
+          const int64_t g = group[i];
+          const int64_t k = entry[i] - slot_counts[g];
+          if (shape.capped && k >= remaining[g]) {
+            pending[c].push_back(j);
+            continue;
+          }
+          if (j >= lo && j < hi) {
+            out_ids[j - lo] = index.sample(cache, g, cursor[g] + k);
+            out_groups[j - lo] = g;
+          }
         }
       }
     }

@@ -47,29 +47,30 @@ struct DeviceIndex {
 };
 
 __global__ void mixture_draw_kernel(uint64_t seed, uint64_t step, int64_t batch, const int64_t* cumulative,
-                                    int64_t num_groups, const int32_t* guide, int guide_shift, int32_t* slot_group,
+                                    int64_t num_groups, const int32_t* guide, int guide_shift, uint32_t* slot_group,
                                     int32_t* slot_index) {
   const int64_t pair = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t j = 2 * pair;
   if (j >= batch) return;
   const mixture::SlotPairRandom r = mixture::slot_pair_random(seed, step, 0, static_cast<uint64_t>(pair));
-  slot_group[j] = static_cast<int32_t>(mixture::draw_group(r.even, cumulative, num_groups, guide, guide_shift));
+  slot_group[j] = static_cast<uint32_t>(mixture::draw_group(r.even, cumulative, num_groups, guide, guide_shift));
   slot_index[j] = static_cast<int32_t>(j);
   if (j + 1 < batch) {
-    slot_group[j + 1] = static_cast<int32_t>(mixture::draw_group(r.odd, cumulative, num_groups, guide, guide_shift));
+    slot_group[j + 1] =
+        static_cast<uint32_t>(mixture::draw_group(r.odd, cumulative, num_groups, guide, guide_shift));
     slot_index[j + 1] = static_cast<int32_t>(j + 1);
   }
 }
 
 // run_start[g] = first index of group g in the sorted order (entries of absent groups are never read).
-__global__ void mixture_run_start_kernel(int64_t batch, const int32_t* sorted_group, int32_t* run_start) {
+__global__ void mixture_run_start_kernel(int64_t batch, const uint32_t* sorted_group, int32_t* run_start) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= batch) return;
   if (i == 0 || sorted_group[i - 1] != sorted_group[i]) run_start[sorted_group[i]] = static_cast<int32_t>(i);
 }
 
 // The sort is stable, so within a run the slots are in slot order: rank = i - run start.
-__global__ void mixture_place_sorted_kernel(int64_t batch, const int32_t* sorted_group, const int32_t* sorted_slot,
+__global__ void mixture_place_sorted_kernel(int64_t batch, const uint32_t* sorted_group, const int32_t* sorted_slot,
                                             const int32_t* run_start, const int64_t* cursor,
                                             const int64_t* capacity, DeviceIndex index, int64_t slice_begin,
                                             int64_t slice_end, int64_t* out_ids, int64_t* out_groups,
@@ -89,11 +90,11 @@ __global__ void mixture_place_sorted_kernel(int64_t batch, const int32_t* sorted
   }
 }
 
-__global__ void mixture_advance_sorted_kernel(int64_t batch, const int32_t* sorted_group, const int32_t* run_start,
+__global__ void mixture_advance_sorted_kernel(int64_t batch, const uint32_t* sorted_group, const int32_t* run_start,
                                               int64_t* cursor, const int64_t* capacity) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= batch) return;
-  const int32_t g = sorted_group[i];
+  const uint32_t g = sorted_group[i];
   if (i + 1 < batch && sorted_group[i + 1] == g) return;  // only the last slot of each run
   const int64_t count = i - run_start[g] + 1;
   const int64_t room = capacity != nullptr ? capacity[g] - cursor[g] : count;
@@ -202,40 +203,42 @@ std::tuple<at::Tensor, at::Tensor> mixture_sample_cuda(
   } else {
     const at::Tensor table = on_device(cumulative, device);
     const at::Tensor guide_table = on_device(guide, device);
-    const auto int_options = group_ranges.options().dtype(at::kInt);
-    at::Tensor slot_group = at::empty({batch}, int_options);
-    at::Tensor slot_index = at::empty({batch}, int_options);
-    at::Tensor sorted_group = at::empty({batch}, int_options);
-    at::Tensor sorted_slot = at::empty({batch}, int_options);
-    at::Tensor run_start = at::empty({num_groups}, int_options);
-    mixture_draw_kernel<<<blocks_for((batch + 1) / 2), kThreads, 0, stream>>>(
-        static_cast<uint64_t>(seed), static_cast<uint64_t>(step), batch, table.data_ptr<int64_t>(), num_groups,
-        guide_table.data_ptr<int32_t>(), shape.guide_shift, slot_group.data_ptr<int32_t>(),
-        slot_index.data_ptr<int32_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    // Only the bits that can differ between group ids take part in the sort (one pass for K <= 256).
+    // One scratch allocation carved into the five int32 arrays and cub's temporary storage: at small B the
+    // allocator calls would otherwise cost as much as the kernels.
     const int key_bits = std::max(1, bit_width_u64(static_cast<uint64_t>(num_groups - 1)));
     size_t temp_bytes = 0;
-    C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
-        nullptr, temp_bytes, slot_group.data_ptr<int32_t>(), sorted_group.data_ptr<int32_t>(),
-        slot_index.data_ptr<int32_t>(), sorted_slot.data_ptr<int32_t>(), static_cast<int>(batch), 0, key_bits,
-        stream));
-    at::Tensor temp = at::empty({static_cast<int64_t>(std::max<size_t>(temp_bytes, 1))},
-                                group_ranges.options().dtype(at::kByte));
-    C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
-        temp.data_ptr<uint8_t>(), temp_bytes, slot_group.data_ptr<int32_t>(), sorted_group.data_ptr<int32_t>(),
-        slot_index.data_ptr<int32_t>(), sorted_slot.data_ptr<int32_t>(), static_cast<int>(batch), 0, key_bits,
-        stream));
-    mixture_run_start_kernel<<<blocks_for(batch), kThreads, 0, stream>>>(batch, sorted_group.data_ptr<int32_t>(),
-                                                                          run_start.data_ptr<int32_t>());
+    C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, static_cast<const uint32_t*>(nullptr),
+                                                   static_cast<uint32_t*>(nullptr),
+                                                   static_cast<const int32_t*>(nullptr),
+                                                   static_cast<int32_t*>(nullptr), static_cast<int>(batch), 0,
+                                                   key_bits, stream));
+    auto aligned = [](int64_t bytes) { return (bytes + 255) / 256 * 256; };
+    const int64_t array_bytes = aligned(4 * batch);
+    const int64_t scratch_bytes =
+        4 * array_bytes + aligned(4 * num_groups) + aligned(static_cast<int64_t>(temp_bytes));
+    at::Tensor scratch = at::empty({scratch_bytes}, group_ranges.options().dtype(at::kByte));
+    uint8_t* base = scratch.data_ptr<uint8_t>();
+    uint32_t* slot_group = reinterpret_cast<uint32_t*>(base);
+    int32_t* slot_index = reinterpret_cast<int32_t*>(base + array_bytes);
+    uint32_t* sorted_group = reinterpret_cast<uint32_t*>(base + 2 * array_bytes);
+    int32_t* sorted_slot = reinterpret_cast<int32_t*>(base + 3 * array_bytes);
+    int32_t* run_start = reinterpret_cast<int32_t*>(base + 4 * array_bytes);
+    void* temp = base + 4 * array_bytes + aligned(4 * num_groups);
+    mixture_draw_kernel<<<blocks_for((batch + 1) / 2), kThreads, 0, stream>>>(
+        static_cast<uint64_t>(seed), static_cast<uint64_t>(step), batch, table.data_ptr<int64_t>(), num_groups,
+        guide_table.data_ptr<int32_t>(), shape.guide_shift, slot_group, slot_index);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // Radix sort is stable; only the bits that can differ between group ids take part (one pass for K <= 256).
+    C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp, temp_bytes, slot_group, sorted_group, slot_index,
+                                                   sorted_slot, static_cast<int>(batch), 0, key_bits, stream));
+    mixture_run_start_kernel<<<blocks_for(batch), kThreads, 0, stream>>>(batch, sorted_group, run_start);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     mixture_place_sorted_kernel<<<blocks_for(batch), kThreads, 0, stream>>>(
-        batch, sorted_group.data_ptr<int32_t>(), sorted_slot.data_ptr<int32_t>(), run_start.data_ptr<int32_t>(),
-        cursor_ptr, capacity_ptr, index, shape.slice_begin, shape.slice_end, out_ids.data_ptr<int64_t>(),
-        out_groups.data_ptr<int64_t>(), overflow_ptr);
+        batch, sorted_group, sorted_slot, run_start, cursor_ptr, capacity_ptr, index, shape.slice_begin,
+        shape.slice_end, out_ids.data_ptr<int64_t>(), out_groups.data_ptr<int64_t>(), overflow_ptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    mixture_advance_sorted_kernel<<<blocks_for(batch), kThreads, 0, stream>>>(
-        batch, sorted_group.data_ptr<int32_t>(), run_start.data_ptr<int32_t>(), cursor_ptr, capacity_ptr);
+    mixture_advance_sorted_kernel<<<blocks_for(batch), kThreads, 0, stream>>>(batch, sorted_group, run_start,
+                                                                               cursor_ptr, capacity_ptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
