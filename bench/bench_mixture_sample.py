@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from aioli_ext import reference  # noqa: E402
 from aioli_ext.sampler import MixtureSampler  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -103,6 +104,20 @@ def make_greedy_blending(sizes, p, batch):
     return draw, batch
 
 
+def check_against_reference(device):
+    """The benchmarked op must agree with the slot-by-slot reference before it is timed."""
+    sizes, p = [13, 0, 40, 7], [0.3, 0.0, 0.5, 0.2]
+    for mode in ("iid", "systematic"):
+        sampler = MixtureSampler(sizes, seed=5, mode=mode, device=device)
+        cursor, residual = [0] * 4, ([0] * 4 if mode == "systematic" else None)
+        for step in range(3):
+            ids, _ = sampler.sample(32, p)
+            expected, _, cursor, residual = reference.mixture_sample(sizes, p, cursor, 5, step, 32,
+                                                                     residual=residual)
+            if ids.tolist() != expected:
+                raise SystemExit(f"{mode} sampling on {device} disagrees with aioli_ext.reference")
+
+
 def weighted_random_sampler_limit():
     """Whether WeightedRandomSampler refuses a sample space one past 2^24 (torch.multinomial's category cap)."""
     try:
@@ -117,19 +132,23 @@ def weighted_random_sampler_limit():
 # Timing
 # ------------------------------------------------------------------------------------------------------------
 def time_call(draw, device, repeats):
+    """Median wall-clock seconds per call, and median CPU seconds per call summed over the process's threads
+    (on a shared machine the CPU time shows the cost per id even when other jobs take the cores)."""
     def sync():
         if device == "cuda":
             torch.cuda.synchronize()
 
     draw()
     sync()
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats):
+        cpu_start = time.process_time()
         start = time.perf_counter()
         draw()
         sync()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        cpu_times.append(time.process_time() - cpu_start)
+    return statistics.median(times), statistics.median(cpu_times)
 
 
 def machine_info(device):
@@ -170,10 +189,12 @@ def run_cpu(repeats):
         ]
         case_rows = []
         for name, output, (draw, batch), reps in cases:
-            seconds = time_call(draw, "cpu", reps)
+            seconds, cpu_seconds = time_call(draw, "cpu", reps)
             case_rows.append({"provider": name, "output": output, "K": num_groups, "B": batch,
-                              "median_s": seconds, "ids_per_s": batch / seconds})
-            print(f"K={num_groups:>6} {name:<45} B={batch:>8} {batch / seconds / 1e6:10.2f} M ids/s", flush=True)
+                              "median_s": seconds, "ids_per_s": batch / seconds,
+                              "cpu_ns_per_id": cpu_seconds / batch * 1e9})
+            print(f"K={num_groups:>6} {name:<45} B={batch:>8} {batch / seconds / 1e6:10.2f} M ids/s "
+                  f"{cpu_seconds / batch * 1e9:8.1f} CPU ns/id", flush=True)
         multinomial_rate = next(r["ids_per_s"] for r in case_rows if r["provider"] == "torch.multinomial")
         for r in case_rows:
             r["ratio_vs_multinomial"] = r["ids_per_s"] / multinomial_rate
@@ -190,14 +211,14 @@ def run_cuda(repeats):
             ("aioli_ext MixtureSampler (systematic)", make_aioli(sizes, p, "systematic", "cuda")),
             ("torch.multinomial", make_multinomial(sizes, p, "cuda")),
         ]:
-            seconds = time_call(draw, "cuda", repeats)
+            seconds, _ = time_call(draw, "cuda", repeats)
             rows.append({"provider": name, "K": num_groups, "B": batch, "median_s": seconds,
                          "ids_per_s": batch / seconds})
             print(f"K={num_groups:>6} {name:<40} B={batch} {batch / seconds / 1e9:8.2f} G ids/s", flush=True)
     sizes, p = make_case(1024)
     for mode in ("iid", "systematic"):
         draw, batch = make_aioli(sizes, p, mode, "cuda", batch=8192)
-        seconds = time_call(draw, "cuda", max(repeats, 50))
+        seconds, _ = time_call(draw, "cuda", max(repeats, 50))
         rows.append({"provider": f"aioli_ext MixtureSampler ({mode}) per call", "K": 1024, "B": batch,
                      "median_s": seconds, "ids_per_s": batch / seconds})
         print(f"B=8192 K=1024 {mode}: {seconds * 1e6:.1f} us per call", flush=True)
@@ -206,13 +227,15 @@ def run_cuda(repeats):
 
 def markdown(rows, info, device):
     lines = [f"Mixture sampling on {info.get('gpu') if device == 'cuda' else info['cpu']} "
-             f"({info['threads']} threads, torch {info['torch']}); sample space {TOTAL_SAMPLES} ids.", "",
-             "| K | provider | output | B | M ids/s | vs torch.multinomial |",
-             "|---:|---|---|---:|---:|---:|"]
+             f"({info['threads']} threads, torch {info['torch']}, load average {info.get('load_average')}); "
+             f"sample space {TOTAL_SAMPLES} ids.", "",
+             "| K | provider | output | B | M ids/s (wall) | vs torch.multinomial | CPU ns per id |",
+             "|---:|---|---|---:|---:|---:|---:|"]
     for r in rows:
         ratio = f"{r['ratio_vs_multinomial']:.2f}x" if "ratio_vs_multinomial" in r else ""
+        cpu = f"{r['cpu_ns_per_id']:.1f}" if "cpu_ns_per_id" in r else ""
         lines.append(f"| {r['K']} | {r['provider']} | {r.get('output', 'sample ids')} | {r['B']} | "
-                     f"{r['ids_per_s'] / 1e6:.1f} | {ratio} |")
+                     f"{r['ids_per_s'] / 1e6:.1f} | {ratio} | {cpu} |")
     return "\n".join(lines) + "\n"
 
 
@@ -226,6 +249,7 @@ def main():
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a GPU")
     info = machine_info(args.device)
+    check_against_reference(args.device)
     rows = run_cpu(args.repeats) if args.device == "cpu" else run_cuda(args.repeats)
     info["weighted_random_sampler_limit"] = weighted_random_sampler_limit()
     os.makedirs(RESULTS, exist_ok=True)

@@ -5,7 +5,8 @@
 // the caller):
 //
 // * n > kSmallPermutationSize: a Feistel network (six rounds; four from m = 10 on) on the smallest power-of-two
-//   domain [0, 2^m) that holds n, made a bijection of [0, n) by cycle walking (apply the network until the value lands below n).
+//   domain [0, 2^m) that holds n, made a bijection of [0, n) by cycle walking (apply the network until the
+//   value lands below n).
 //   Walk length: the network permutes [0, 2^m), so over one epoch (all n starting points) the walks visit every
 //   point of the domain exactly once: the mean walk is exactly 2^m / n < 2 network evaluations (a power-of-4
 //   domain would give < 4). Single walks can be longer (geometric tail), never unbounded.

@@ -157,6 +157,23 @@ def test_sample_matches_reference(mode, world_size, capped):
             assert sampler.state_dict()["residual"].tolist() == residual
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_sample_with_more_groups_than_slots_matches_reference(mode):
+    # K > 4 B takes the CPU kernel's sort-based ranking instead of per-chunk counters.
+    gen = np.random.default_rng(4)
+    sizes = gen.integers(0, 6, size=3000).tolist()
+    p = gen.random(3000) * (np.array(sizes) > 0)
+    p[:50] *= 200.0  # a few heavy groups so that some groups get several slots per call
+    sampler = MixtureSampler(sizes, seed=2, mode=mode, rank=1, world_size=2)
+    cursor, residual = [0] * 3000, ([0] * 3000 if mode == "systematic" else None)
+    for step in range(4):
+        ids, groups = sampler.sample(256, p)
+        r_ids, r_groups, cursor, residual = ref.mixture_sample(sizes, p, cursor, 2, step, 256, 1, 2,
+                                                               residual=residual)
+        assert ids.tolist() == r_ids and groups.tolist() == r_groups
+    assert sampler.cursor.tolist() == cursor
+
+
 def test_csr_sample_matches_reference():
     indptr = [0, 4, 4, 11, 12]
     sample_ids = [100, 7, 55, 3, 9, 8, 1000, 2, 77, 6, 5, 4242]
@@ -288,6 +305,26 @@ def test_resume_from_random_steps_reproduces_the_stream(mode, capped):
             ids, groups = resumed.sample(24, schedule[step])
             assert torch.equal(ids, outputs[step][0]) and torch.equal(groups, outputs[step][1])
         assert torch.equal(resumed.cursor, sampler.cursor)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("num_groups", [3, 5000])
+def test_draws_do_not_depend_on_the_thread_count(mode, num_groups):
+    # The CPU kernel splits slots into one chunk per thread; ranks and draws must not depend on the split.
+    sizes = np.random.default_rng(0).integers(1, 100, size=num_groups)
+    p = np.random.default_rng(1).random(num_groups)
+    threads = torch.get_num_threads()
+    outputs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            sampler = MixtureSampler(sizes, seed=3, mode=mode)
+            outputs.append([sampler.sample(40000, p) for _ in range(2)])
+    finally:
+        torch.set_num_threads(threads)
+    for other in outputs[1:]:
+        for (a_ids, a_groups), (b_ids, b_groups) in zip(outputs[0], other):
+            assert torch.equal(a_ids, b_ids) and torch.equal(a_groups, b_groups)
 
 
 def test_same_seed_same_draws_other_seed_other_draws():
