@@ -117,10 +117,13 @@ std::vector<int64_t> sample_iid_round0(const mixture::SampleShape& shape, const 
   };
 
   int64_t num_chunks = chunk_count(batch);
-  // Reused across calls: a fresh B-sized buffer per call costs page faults comparable to the sampling itself.
+  // Reused across calls (up to 2^24 slots, 64 MB): a fresh B-sized buffer per call costs page faults comparable
+  // to the sampling itself. Larger one-off batches get their own buffer rather than pinning that memory.
   static thread_local std::vector<int32_t> slot_group_buffer;
-  if (static_cast<int64_t>(slot_group_buffer.size()) < batch) slot_group_buffer.resize(batch);
-  int32_t* slot_group = slot_group_buffer.data();
+  std::vector<int32_t> one_off_buffer;
+  std::vector<int32_t>& buffer = batch <= (int64_t{1} << 24) ? slot_group_buffer : one_off_buffer;
+  if (static_cast<int64_t>(buffer.size()) < batch) buffer.resize(batch);
+  int32_t* slot_group = buffer.data();
   std::vector<std::vector<int64_t>> pending(num_chunks);
 
   if (num_groups > 4 * batch) {
