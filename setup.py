@@ -118,7 +118,9 @@ class BuildExtension(cpp_extension.BuildExtension):
 def _extension():
     cpu_sources, cuda_sources = _sources()
     opt = ["-O0", "-g"] if DEBUG else ["-O3"]
-    cxx = opt + ["-fvisibility=hidden", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas"]
+    # -fopenmp: at::parallel_for is inline OpenMP in the headers; without it every CPU kernel runs on one thread
+    # (the pragma is silently dropped). The extension then shares torch's bundled libgomp.so.1.
+    cxx = opt + ["-fopenmp", "-fvisibility=hidden", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas"]
     macros = []
     if WITH_CUDA:
         macros.append(("AIOLI_WITH_CUDA", "1"))
@@ -129,6 +131,7 @@ def _extension():
             include_dirs=_extra_include_dirs(),
             define_macros=macros,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=["-fopenmp"],
             py_limited_api=True,
         )
     return cpp_extension.CppExtension(
@@ -137,6 +140,7 @@ def _extension():
         include_dirs=_extra_include_dirs(),
         define_macros=macros,
         extra_compile_args={"cxx": cxx},
+        extra_link_args=["-fopenmp"],
         py_limited_api=True,
     )
 

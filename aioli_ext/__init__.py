@@ -7,5 +7,6 @@ from . import ops
 from .ops import GroupCrossEntropyResult, cpu_capability, group_cross_entropy, group_cross_entropy_fused
 from .losses import group_linear_cross_entropy
 from . import mixing
+from .sampler import MixtureBatchSampler, MixtureSampler
 
 __version__ = "0.1.0"

@@ -30,5 +30,23 @@ TORCH_LIBRARY(aioli_ext, m) {
   m.def("cpu_capability(str? force=None) -> str");
 
   // ---- mixture sampling (csrc/cpu/mixture_sample_cpu.cpp, csrc/cuda/mixture_sample_cuda.cu) ----
-  // (schemas added with the sampler)
+  // One global batch of batch_size slots at `step`; returns this rank's slice [batch_size / world_size] of
+  // sample ids (int64) and group ids (int64). Groups own index ranges: flat index group_starts[g] + perm(pos)
+  // for pos < group_sizes[g]; the sample id is that flat index, or csr_sample_ids[flat] when given.
+  // cumulative [K + 1] int64 and guide [buckets + 1] int32 come from mixture_thresholds. cursor [K] int64
+  // (same device) is advanced in place. residual [K] int64 (always a CPU tensor) selects the systematic mode and
+  // is updated in place; capacity [K] int64 (same device) caps each group's stream (max_epochs * size).
+  m.def("mixture_sample(Tensor group_ranges, Tensor? csr_sample_ids, Tensor cumulative, "
+        "Tensor guide, Tensor(a!) cursor, Tensor(b!)? residual, Tensor? capacity, int seed, int step, "
+        "int batch_size, int rank, int world_size) -> (Tensor sample_ids, Tensor group_ids)");
+  // Host-side table builder (CPU tensors): proportions [K] float32/float64 -> cumulative fixed-point thresholds
+  // [K + 1] int64 (0 .. 2^62) and a guide table [next_pow2(K) + 1] int32. Groups where open_groups [K] bool is
+  // false get weight zero.
+  m.def("mixture_thresholds(Tensor proportions, Tensor group_sizes, Tensor? open_groups) "
+        "-> (Tensor cumulative, Tensor guide)");
+  // Test ops over the very header code the sampler runs (csrc/philox.h, csrc/permutation.h):
+  // counters [N, 4] int64 holding 32-bit words, key [2] int64 -> Philox4x32-10 outputs [N, 4] int64.
+  m.def("philox4x32(Tensor counters, Tensor key) -> Tensor");
+  // positions [N] int64 in [0, n) -> their images under the permutation of group `group`, epoch `epoch`.
+  m.def("keyed_permutation(Tensor positions, int n, int seed, int group, int epoch) -> Tensor");
 }
