@@ -158,6 +158,7 @@ def _commit():
 
 
 def summary(args):
+    """Markdown tables per group set: every run, then each static mixture minus uniform, paired by seed and lr."""
     rows = [json.loads(line) for line in open(args.out) if line.strip()]
     by_groups = {}
     for r in rows:
@@ -165,13 +166,19 @@ def summary(args):
     lines = []
     for groups, runs in by_groups.items():
         names = runs[0]["groups"]
-        lines.append(f"\n### {groups}\n")
-        lines.append("| label | seed | mix | " + " | ".join(f"{n} ppl" for n in names) + " | avg val ppl | s |")
-        lines.append("|---" * (len(names) + 5) + "|")
-        for r in sorted(runs, key=lambda r: (r["label"], r["seed"])):
-            lines.append(f"| {r['label']} | {r['seed']} | {'/'.join(f'{x:.2f}' for x in r['mix'])} | "
-                         + " | ".join(f"{x:.3f}" for x in r["val_ppl"])
-                         + f" | {r['avg_val_ppl']:.3f} | {r['wall_s']:.0f} |")
+        lines.append(f"\n#### {groups.replace(',', ' + ')}\n")
+        lines.append("| run | seed | lr | mix | " + " | ".join(names) + " | avg val PPL | wall s (load) |")
+        lines.append("|---" * (len(names) + 6) + "|")
+        for r in sorted(runs, key=lambda r: (r["lr"], r["label"], r["seed"])):
+            lines.append(f"| {r['label']} | {r['seed']} | {r['lr']:g} | {'/'.join(f'{x:.2f}' for x in r['mix'])} | "
+                         + " | ".join(f"{x:.2f}" for x in r["val_ppl"])
+                         + f" | **{r['avg_val_ppl']:.3f}** | {r['wall_s']:.0f} ({r['load_before'][0]:.1f}) |")
+        uniform = {(r["seed"], r["lr"]): r for r in runs if max(r["mix"]) - min(r["mix"]) < 1e-9}
+        for r in runs:
+            base = uniform.get((r["seed"], r["lr"]))
+            if base is not None and base is not r:
+                lines.append(f"\n{r['label']} minus uniform (seed {r['seed']}, lr {r['lr']:g}): "
+                             f"{r['avg_val_ppl'] - base['avg_val_ppl']:+.3f} avg val PPL")
     text = "\n".join(lines)
     print(text)
     return text

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from aioli_ext.data.default_corpus import ALL_GROUPS, collect_group
-from aioli_ext.data import (ByteTokenizer, CorruptStoreError, TokenStore, build_default_corpus, build_from_folders,
-                            chunk_text, import_token_files, load_tokenizer, split_of, token_dtype)
+from aioli_ext.data import (DEFAULT_GROUPS, ByteTokenizer, CorruptStoreError, TokenStore, build_default_corpus,
+                            build_from_folders, chunk_text, import_token_files, load_tokenizer, split_of, token_dtype)
+from aioli_ext.data.default_corpus import collect_group
 
 SPLITS = ("train", "val", "test")
 
@@ -260,7 +260,7 @@ def test_bad_manifest(built, tmp_path):
     data = json.loads(manifest.read_text())
     data["groups"][0]["splits"]["train"]["num_tokens"] += 1
     manifest.write_text(json.dumps(data))
-    with pytest.raises(CorruptStoreError, match="does not match the manifest fingerprint"):
+    with pytest.raises(CorruptStoreError, match="do not match the manifest fingerprint"):
         TokenStore.open(built)
     manifest.write_text("{ not json")
     with pytest.raises(CorruptStoreError, match="is not valid JSON"):
@@ -431,8 +431,8 @@ def test_megatron_bad_inputs(tmp_path):
 def test_default_corpus_is_deterministic_and_has_every_split(tmp_path):
     # Small caps keep this fast; wide splits and short pieces make every split non-empty on any installation.
     kwargs = dict(max_chars_per_group=200_000, max_document_chars=512, val_fraction=0.15, test_fraction=0.15)
-    a = build_default_corpus(tmp_path / "a", groups=ALL_GROUPS, **kwargs)
-    b = build_default_corpus(tmp_path / "b", groups=ALL_GROUPS, **kwargs)
+    a = build_default_corpus(tmp_path / "a", **kwargs)
+    b = build_default_corpus(tmp_path / "b", **kwargs)
     assert a.groups == ["code", "headers", "docs", "legal", "records", "dupes", "noise"]
     assert a.manifest["fingerprint"] == b.manifest["fingerprint"]
     for row in a.sizes():

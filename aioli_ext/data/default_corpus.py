@@ -1,6 +1,8 @@
 """The default corpus: groups assembled from text that the running Python installation carries.
 
-Groups (all read in a fixed order, so the same installation always gives the same corpus):
+Five groups are read from the installation (always in a fixed order, so the same installation always gives the
+same corpus) and two are generated from it deterministically (a counter-based sha256 generator), to hold what
+real pretraining data holds besides clean text:
 
 =========  ==========================================================================================
 code       Python source of the standard library (no test suites), files taken in sha256(path) order
@@ -8,26 +10,19 @@ code       Python source of the standard library (no test suites), files taken i
 headers    C headers of Python's include directory
 docs       English technical prose: pydoc's topic help (``pydoc_data.topics``), the smallest group
 legal      licence texts: Python's LICENSE.txt and the LICENSE/LICENCE/COPYING/NOTICE files of the
-           installed packages -- many near-copies of the same few licences (MIT, BSD, Apache) with
-           small edits: the near-duplicated group
-records    the RECORD files of the installed packages: file paths, sha256 hashes in base64 and sizes,
-           one file per line -- machine-generated, about 40% of its characters are random hash digits:
-           the noisy group with a high irreducible loss
-=========  ==========================================================================================
-
-Two more groups can be asked for by name (they are generated deterministically, with a counter-based
-sha256 generator, from the same installation):
-
-=========  ==========================================================================================
+           installed packages, many of them near-copies of the same few licences
+records    the RECORD files of the installed packages: paths, sha256 digests in base64 and sizes --
+           machine-generated, hard, the group with the highest loss
 dupes      vendored near-duplicate code: a few standard-library modules that the code group did not
            take, copied many times with small edits (identifiers renamed, numbers changed, comment
            lines added or dropped) -- little new content however much of it is read
-noise      random hexadecimal digests, 64 per line: nothing to learn beyond the alphabet and line
-           length, irreducible loss ln 16 per digit
+noise      random hexadecimal digests, 64 per line: nothing to learn beyond the alphabet and the line
+           length, irreducible loss ln 16 per digit; training on it slows learning everywhere else
 =========  ==========================================================================================
 
-Sizes are very unequal (code is capped, docs is a few hundred kB) and depend on the installation; the
-manifest records them and the files they came from.
+Sizes are very unequal (docs is a few hundred kB, code is capped at 4 M characters) and, for legal and
+records, depend on the packages installed; the manifest records sizes and sources. bench/HEADROOM.md has
+the measurements behind this choice.
 """
 import hashlib
 import os
@@ -37,9 +32,8 @@ import sysconfig
 
 from .builders import DEFAULT_SALT, write_token_store
 
-DEFAULT_GROUPS = ("code", "headers", "docs", "legal", "records")
+DEFAULT_GROUPS = ("code", "headers", "docs", "legal", "records", "dupes", "noise")
 SYNTHETIC_GROUPS = ("dupes", "noise")
-ALL_GROUPS = DEFAULT_GROUPS + SYNTHETIC_GROUPS
 _IDENTIFIER = re.compile(r"\b[A-Za-z_][A-Za-z0-9_]{3,}\b")
 _SUFFIXES = ("_v2", "Ex", "_impl", "2", "_old", "_new", "Base", "_compat")
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
@@ -214,7 +208,7 @@ def collect_group(group, max_chars_per_group=None, dupes_base_chars=24_000):
         texts = _noise_documents(min(max_chars_per_group or 1_000_000, 1_000_000))
         source = {"kind": "synthetic-random-hex", "files_available": len(texts)}
     else:
-        raise ValueError(f"group must be one of {list(ALL_GROUPS)}, got {group!r}")
+        raise ValueError(f"group must be one of {list(DEFAULT_GROUPS)}, got {group!r}")
     if not texts:
         raise ValueError(f"default corpus group {group!r}: this Python installation ({sys.prefix}) has no "
                          f"files for it ({source})")
@@ -226,16 +220,16 @@ def collect_group(group, max_chars_per_group=None, dupes_base_chars=24_000):
 def build_default_corpus(out_dir, groups=DEFAULT_GROUPS, tokenizer=None, val_fraction=0.05, test_fraction=0.05,
                          max_chars_per_group=4_000_000, max_document_chars=2048, salt=DEFAULT_SALT,
                          overwrite=False):
-    """Write the default corpus (groups from ``DEFAULT_GROUPS``) as a token store at ``out_dir``.
+    """Write the default corpus (``groups``: a subset of ``DEFAULT_GROUPS``, in order) as a token store.
 
     Documents are cut into pieces of at most ``max_document_chars`` characters before the hash split, so even
     the small groups get val and test sets of a few hundred windows.
     """
     if isinstance(groups, str):
         groups = [g for g in groups.split(",") if g]
-    unknown = [g for g in groups if g not in ALL_GROUPS]
+    unknown = [g for g in groups if g not in DEFAULT_GROUPS]
     if unknown or not groups or len(set(groups)) != len(groups):
-        raise ValueError(f"groups must be distinct names from {list(ALL_GROUPS)}, got {list(groups)}")
+        raise ValueError(f"groups must be distinct names from {list(DEFAULT_GROUPS)}, got {list(groups)}")
     plan = {}
     for group in groups:
         texts, source = collect_group(group, max_chars_per_group)

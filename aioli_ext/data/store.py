@@ -74,8 +74,11 @@ def quick_fingerprint(path) -> str:
     return digest.hexdigest()
 
 
-def _canonical_fingerprint(groups) -> str:
-    return hashlib.sha256(json.dumps(groups, sort_keys=True).encode()).hexdigest()
+def _canonical_fingerprint(manifest) -> str:
+    """sha256 of everything in the manifest but the fingerprint itself: the corpus identity, which also
+    catches a hand-edited or truncated manifest."""
+    body = {k: v for k, v in manifest.items() if k != "fingerprint"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 @contextlib.contextmanager
@@ -120,7 +123,7 @@ def _is_token_store(path):
 
 def write_manifest(directory, manifest):
     manifest = dict(manifest)
-    manifest["fingerprint"] = _canonical_fingerprint(manifest["groups"])
+    manifest["fingerprint"] = _canonical_fingerprint(manifest)
     path = os.path.join(directory, MANIFEST)
     with open(path + ".part", "w") as handle:
         json.dump(manifest, handle, indent=1, sort_keys=False)
@@ -155,7 +158,7 @@ def read_megatron_index(idx_path):
         raise CorruptStoreError(
             f"{idx_path!r}: a Megatron index with {seq_count} sequences and {doc_count} documents must be "
             f"{expected} bytes, the file has {size}")
-    raw = np.fromfile(idx_path, dtype=np.uint8)
+    raw = np.memmap(idx_path, dtype=np.uint8, mode="r")  # indexes of huge corpora are not read into memory
     pos = _MEGATRON_HEADER_BYTES
     lengths = raw[pos:pos + 4 * seq_count].view(np.int32).astype(np.int64)
     pos += 4 * seq_count
@@ -223,9 +226,9 @@ class TokenStore:
         for key in ("vocab_size", "dtype", "groups"):
             if key not in manifest:
                 raise CorruptStoreError(f"{manifest_path!r} lacks the key {key!r}")
-        if manifest.get("fingerprint") != _canonical_fingerprint(manifest["groups"]):
-            raise CorruptStoreError(f"{manifest_path!r}: the groups section does not match the manifest fingerprint "
-                                    f"(edited by hand or truncated)")
+        if manifest.get("fingerprint") != _canonical_fingerprint(manifest):
+            raise CorruptStoreError(f"{manifest_path!r}: the contents do not match the manifest fingerprint "
+                                    f"(edited by hand or damaged)")
         available = [g["name"] for g in manifest["groups"]]
         if groups is None:
             groups = available
