@@ -463,3 +463,16 @@ def test_synthetic_groups_are_what_they_claim():
     assert len(set(copies)) == len(copies)  # every copy is edited ...
     first, second = (set(c.splitlines()) for c in copies[:2])
     assert len(first & second) > 0.8 * len(first)  # ... but only a little
+
+
+def test_command_line_builds_and_reports_errors(tmp_path, two_groups, capsys):
+    from aioli_ext.data.__main__ import main
+    _, folders = two_groups
+    pairs = [f"{name}={folder}" for name, folder in folders.items()]
+    assert main(["prepare-folders", str(tmp_path / "s"), *pairs, "--val-fraction", "0.15",
+                 "--test-fraction", "0.15"]) == 0
+    assert "prose" in capsys.readouterr().out
+    assert main(["info", str(tmp_path / "s"), "--verify"]) == 0
+    assert main(["prepare-folders", str(tmp_path / "t"), f"x={tmp_path / 'missing'}"]) == 2
+    assert "error: group 'x': folder" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()

@@ -56,6 +56,16 @@ def main(argv=None):
     s.add_argument("--verify", action="store_true", help="also check checksums and token ranges")
 
     args = parser.parse_args(argv)
+    try:
+        store = _run(args)
+    except (OSError, ValueError, ImportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(store.describe())
+    return 0
+
+
+def _run(args):
     if args.command == "prepare-default":
         store = build_default_corpus(args.out, groups=args.groups, tokenizer=args.tokenizer,
                                      val_fraction=args.val_fraction, test_fraction=args.test_fraction,
@@ -71,8 +81,7 @@ def main(argv=None):
                                    test_fraction=args.test_fraction, overwrite=args.overwrite)
     else:
         store = TokenStore.open(args.store, verify=args.verify)
-    print(store.describe())
-    return 0
+    return store
 
 
 if __name__ == "__main__":
