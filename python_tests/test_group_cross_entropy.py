@@ -338,6 +338,25 @@ def test_fused_gradient_feeds_autograd(device):
     assert_close(weight.grad, ref_weight.grad, 1e-5)
 
 
+@pytest.mark.parametrize("dtype,loss_tol,grad_tol", DTYPE_TOLS)
+def test_scale_rows_matches_torch(restore_cpu_capability, dtype, loss_tol, grad_tol):
+    # The CPU op behind backward's row scaling: one rounding of the fp32 product, like torch's mul of the
+    # widened tensor, on every ISA path (odd width: vector tails).
+    x = (torch.randn(19, 1001, dtype=torch.float64) * 3).to(dtype)
+    row_scale = torch.rand(19, dtype=torch.float64 if dtype == torch.float64 else torch.float32) * 4 - 2
+    expected = (x.to(row_scale.dtype) * row_scale[:, None]).to(dtype)
+    for capability in supported_capabilities():
+        aioli_ext.cpu_capability(capability)
+        got = x.clone()
+        ops.scale_rows_(got, row_scale)
+        assert torch.equal(got, expected)
+    torch.library.opcheck(ops.scale_rows_, (x.clone(), row_scale))
+    with pytest.raises(RuntimeError, match=r"row_scale must be 1-D \[N\] with N = x.size\(0\) = 19, got shape \[18\]"):
+        ops.scale_rows_(x.clone(), row_scale[:18])
+    with pytest.raises(RuntimeError, match=r"x must be contiguous"):
+        ops.scale_rows_(x.t(), row_scale)
+
+
 # ------------------------------------------------------------------------------------- torch.library checks
 
 @pytest.mark.parametrize("device", DEVICES)
