@@ -537,6 +537,23 @@ def test_op_rejects_tensors_on_different_devices():
         ops.group_cross_entropy(logits.cuda(), targets, group_ids.cuda(), 3, -100, 1)
 
 
+@pytest.mark.skipif(not CUDA_OK, reason="needs a GPU and a CUDA build of aioli_ext")
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,loss_tol,grad_tol", DTYPE_TOLS)
+def test_cpu_and_cuda_agree(dtype, loss_tol, grad_tol):
+    batch, seq, vocab, num_groups = 5, 9, 3001, 4
+    logits, targets, _ = make_inputs(batch * seq, vocab, num_groups, dtype)
+    logits, targets = logits.view(batch, seq, vocab), targets.view(batch, seq)
+    seq_groups = torch.tensor([1, 0, 3, 3, 1])
+    cpu = group_cross_entropy_fused(logits, targets, seq_groups, num_groups, normalize="groups")
+    cuda = group_cross_entropy_fused(logits.cuda(), targets.cuda(), seq_groups.cuda(), num_groups,
+                                     normalize="groups")
+    for a, b in zip(cpu[:2], cuda[:2]):
+        assert_close(b.cpu(), a, loss_tol)
+    assert torch.equal(cpu.token_counts, cuda.token_counts.cpu())
+    assert_close(cuda.grad.cpu(), cpu.grad, grad_tol)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_bad_fused_arguments(device):
     logits, targets, group_ids = _valid(device)
