@@ -99,6 +99,23 @@ def test_custom_ignore_index_inside_vocabulary(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_empty_input_gives_zeros_and_empty_gradients(device):
+    for logits, targets, group_ids in [
+        (torch.randn(0, 7), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)),
+        (torch.randn(2, 0, 7), torch.zeros(2, 0, dtype=torch.long), torch.tensor([0, 2])),  # per sequence, T = 0
+    ]:
+        logits, targets, group_ids = logits.to(device), targets.to(device), group_ids.to(device)
+        x = logits.clone().requires_grad_()
+        loss, group_sums, token_counts = group_cross_entropy(x, targets, group_ids, 3)
+        assert loss.shape == targets.shape
+        assert torch.all(group_sums == 0) and torch.all(token_counts == 0) and group_sums.shape == (3,)
+        (loss.sum() + group_sums.sum()).backward()
+        assert x.grad.shape == logits.shape
+        result = group_cross_entropy_fused(logits, targets, group_ids, 3, normalize="groups")
+        assert float(result.objective) == 0.0 and result.grad.shape == logits.shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_all_tokens_ignored(device):
     logits, targets, group_ids = make_inputs(17, 30, 3, device=device)
     targets.fill_(-100)
