@@ -281,6 +281,8 @@ def _with_grad_setup_context(ctx, inputs, output):
     _, targets, group_ids, _, ignore_index, seq_len, group_scale = inputs
     _, _, token_counts, grad_logits = output
     ctx.mark_non_differentiable(token_counts, grad_logits)
+    # Unused output gradients stay None: materialising them would fill an [N, V] zero tensor for grad_logits.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(grad_logits, targets, group_ids, group_scale)
     ctx.ignore_index = ignore_index
     ctx.seq_len = seq_len
@@ -314,6 +316,7 @@ torch.library.register_autograd("aioli_ext::group_cross_entropy_with_grad", _wit
 def _plain_setup_context(ctx, inputs, output):
     logits, targets, group_ids, num_groups, ignore_index, seq_len = inputs
     ctx.mark_non_differentiable(output[2])
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(logits, targets, group_ids)
     ctx.ignore_index = ignore_index
     ctx.seq_len = seq_len
