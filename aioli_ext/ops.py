@@ -233,6 +233,11 @@ def _group_cross_entropy_fused_fake(logits, targets, group_ids, num_groups, igno
     return _group_cross_entropy_fake(logits, targets, group_ids, num_groups, ignore_index, seq_len)
 
 
+@torch.library.register_fake("aioli_ext::scale_rows_")
+def _scale_rows_fake(x, row_scale):
+    return None
+
+
 def _row_coefficients(grad_loss, grad_group_sums, targets, group_ids, seq_len, ignore_index, dtype):
     """dL/dloss[i] + dL/dgroup_sums[g(i)] per row ([N]), 0 on ignored rows (their loss is constant 0)."""
     rows = targets.shape[0]
@@ -276,6 +281,8 @@ def _with_grad_setup_context(ctx, inputs, output):
     _, targets, group_ids, _, ignore_index, seq_len, group_scale = inputs
     _, _, token_counts, grad_logits = output
     ctx.mark_non_differentiable(token_counts, grad_logits)
+    # Unused output gradients stay None: materialising them would fill an [N, V] zero tensor for grad_logits.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(grad_logits, targets, group_ids, group_scale)
     ctx.ignore_index = ignore_index
     ctx.seq_len = seq_len
@@ -295,6 +302,9 @@ def _with_grad_backward(ctx, grad_loss, grad_group_sums, _grad_counts, _grad_gra
             return saved_grad, None, None, None, None, None, None
         # Scaling the saved buffer in place saves a fresh [N, V] allocation (page faults cost more than the
         # multiply); safe because autograd frees the saved tensors right after this call.
+        if saved_grad.device.type == "cpu":
+            _ops.scale_rows_(saved_grad, coef.squeeze(1).contiguous())
+            return saved_grad, None, None, None, None, None, None
         return saved_grad.mul_(coef), None, None, None, None, None, None
     return (saved_grad * coef).to(saved_grad.dtype), None, None, None, None, None, None
 
@@ -306,6 +316,7 @@ torch.library.register_autograd("aioli_ext::group_cross_entropy_with_grad", _wit
 def _plain_setup_context(ctx, inputs, output):
     logits, targets, group_ids, num_groups, ignore_index, seq_len = inputs
     ctx.mark_non_differentiable(output[2])
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(logits, targets, group_ids)
     ctx.ignore_index = ignore_index
     ctx.seq_len = seq_len

@@ -9,6 +9,8 @@ Providers, all timed in the same process (so ratios compare like with like):
     eager        F.cross_entropy(reduction="none") + index_add_ per group      (aioli_ext.reference)
     compile      the same function under torch.compile
     aioli        aioli_ext.group_cross_entropy
+    read-floor   logits.sum(): one read of the logits at this machine's memory bandwidth, for scale (not a
+                 competitor: it is the time no one-pass kernel can beat)
   forward + backward of the token-mean objective sum_g S_g / sum_g n_g
     eager, compile   autograd through the functions above (fresh .grad every step)
     aioli            aioli_ext.group_cross_entropy + plain objective.backward() (fresh gradient every step)
@@ -53,7 +55,7 @@ CASES = [
     (16384, 50304, "bfloat16", True),
     (16384, 128256, "bfloat16", False),
 ]
-FORWARD_PROVIDERS = ["eager", "compile", "aioli"]
+FORWARD_PROVIDERS = ["read-floor", "eager", "compile", "aioli"]
 TRAIN_PROVIDERS = ["eager", "compile", "aioli", "fused-fresh", "fused-reuse", "fused-inplace"]
 
 
@@ -106,6 +108,8 @@ def _compiled_fn(name):
 def make_step(provider, train, logits, targets, group_ids):
     """A no-argument callable running one step of `provider`, plus the tensors it keeps alive."""
     if not train:
+        if provider == "read-floor":
+            return lambda: logits.sum()
         if provider == "eager":
             return lambda: _eager_forward(logits, targets, group_ids)
         if provider == "compile":
@@ -201,8 +205,10 @@ def machine_info():
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip() != ""
+        # Earlier result files do not make the measured code dirty.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)bench/results"], cwd=ROOT, capture_output=True, text=True,
+                               check=True).stdout.strip() != ""
     except (OSError, subprocess.CalledProcessError):
         commit, dirty = "unknown", False
     return {
@@ -244,25 +250,25 @@ def main(argv=None):
             continue
         logits, targets, group_ids = make_case(rows, vocab, dtype_name)
         for train in ([False, True] if with_backward else [False]):
-            eager_ms = None
+            group = []
             for provider in (TRAIN_PROVIDERS if train else FORWARD_PROVIDERS):
                 if provider == "compile" and args.no_compile:
                     continue
                 step = make_step(provider, train, logits, targets, group_ids)
                 median_s, min_s = time_step(step, repeats, warmup=2 if provider == "compile" else 1)
                 del step
-                if provider == "eager":
-                    eager_ms = median_s * 1e3
-                row = {
+                group.append({
                     "shape": f"[{rows}, {vocab}]", "dtype": dtype_name, "step": "fwd+bwd" if train else "fwd",
                     "provider": provider, "median_ms": median_s * 1e3, "min_ms": min_s * 1e3,
                     "gb_per_s": bytes_moved(logits, train) / median_s / 1e9,
-                    "speedup_vs_eager": (eager_ms / (median_s * 1e3)) if eager_ms else float("nan"),
-                }
-                results.append(row)
-                print(f"{row['shape']:>16} {dtype_name:>8} {row['step']:>7} {provider:>13}: "
+                })
+            eager_ms = next(r["median_ms"] for r in group if r["provider"] == "eager")
+            for row in group:
+                row["speedup_vs_eager"] = eager_ms / row["median_ms"]
+                print(f"{row['shape']:>16} {dtype_name:>8} {row['step']:>7} {row['provider']:>13}: "
                       f"{row['median_ms']:8.1f} ms (min {row['min_ms']:.1f})  {row['gb_per_s']:5.1f} GB/s  "
                       f"{row['speedup_vs_eager']:.2f}x vs eager", flush=True)
+            results.extend(group)
         del logits, targets, group_ids
         _compiled.clear()
     info["load_average_after"] = os.getloadavg()

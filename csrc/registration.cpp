@@ -23,6 +23,11 @@ TORCH_LIBRARY(aioli_ext, m) {
         "int ignore_index, int seq_len, Tensor group_scale, Tensor(a!) grad_logits) "
         "-> (Tensor loss, Tensor group_sums, Tensor token_counts)");
 
+  // In place x[i, :] *= row_scale[i]; x [N, V] contiguous (fp32/fp16/bf16/fp64), row_scale [N] fp32 (fp64 for
+  // fp64 x). CPU only: backward of group_cross_entropy scales its saved gradient rows with it (torch's CPU
+  // multiply of a bf16 tensor by an fp32 column is ~10x slower than memory speed); other devices use mul_.
+  m.def("scale_rows_(Tensor(a!) x, Tensor row_scale) -> ()");
+
   // ---- CPU kernel selection (csrc/cpu/cpu_capability.cpp) ----
   // Returns the capability the CPU kernels dispatch to ("default", "avx2", "avx512"). None only asks; a
   // non-empty `force` pins one for this process (tests use it to exercise each path); "" resets to the

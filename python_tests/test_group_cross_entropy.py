@@ -99,6 +99,23 @@ def test_custom_ignore_index_inside_vocabulary(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_empty_input_gives_zeros_and_empty_gradients(device):
+    for logits, targets, group_ids in [
+        (torch.randn(0, 7), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)),
+        (torch.randn(2, 0, 7), torch.zeros(2, 0, dtype=torch.long), torch.tensor([0, 2])),  # per sequence, T = 0
+    ]:
+        logits, targets, group_ids = logits.to(device), targets.to(device), group_ids.to(device)
+        x = logits.clone().requires_grad_()
+        loss, group_sums, token_counts = group_cross_entropy(x, targets, group_ids, 3)
+        assert loss.shape == targets.shape
+        assert torch.all(group_sums == 0) and torch.all(token_counts == 0) and group_sums.shape == (3,)
+        (loss.sum() + group_sums.sum()).backward()
+        assert x.grad.shape == logits.shape
+        result = group_cross_entropy_fused(logits, targets, group_ids, 3, normalize="groups")
+        assert float(result.objective) == 0.0 and result.grad.shape == logits.shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_all_tokens_ignored(device):
     logits, targets, group_ids = make_inputs(17, 30, 3, device=device)
     targets.fill_(-100)
@@ -338,6 +355,25 @@ def test_fused_gradient_feeds_autograd(device):
     assert_close(weight.grad, ref_weight.grad, 1e-5)
 
 
+@pytest.mark.parametrize("dtype,loss_tol,grad_tol", DTYPE_TOLS)
+def test_scale_rows_matches_torch(restore_cpu_capability, dtype, loss_tol, grad_tol):
+    # The CPU op behind backward's row scaling: one rounding of the fp32 product, like torch's mul of the
+    # widened tensor, on every ISA path (odd width: vector tails).
+    x = (torch.randn(19, 1001, dtype=torch.float64) * 3).to(dtype)
+    row_scale = torch.rand(19, dtype=torch.float64 if dtype == torch.float64 else torch.float32) * 4 - 2
+    expected = (x.to(row_scale.dtype) * row_scale[:, None]).to(dtype)
+    for capability in supported_capabilities():
+        aioli_ext.cpu_capability(capability)
+        got = x.clone()
+        ops.scale_rows_(got, row_scale)
+        assert torch.equal(got, expected)
+    torch.library.opcheck(ops.scale_rows_, (x.clone(), row_scale))
+    with pytest.raises(RuntimeError, match=r"row_scale must be 1-D \[N\] with N = x.size\(0\) = 19, got shape \[18\]"):
+        ops.scale_rows_(x.clone(), row_scale[:18])
+    with pytest.raises(RuntimeError, match=r"x must be contiguous"):
+        ops.scale_rows_(x.t(), row_scale)
+
+
 # ------------------------------------------------------------------------------------- torch.library checks
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -516,6 +552,23 @@ def test_op_rejects_tensors_on_different_devices():
     logits, targets, group_ids = _valid("cpu")
     with pytest.raises(RuntimeError, match=r"logits and targets must be on the same device, got cuda:0 and cpu"):
         ops.group_cross_entropy(logits.cuda(), targets, group_ids.cuda(), 3, -100, 1)
+
+
+@pytest.mark.skipif(not CUDA_OK, reason="needs a GPU and a CUDA build of aioli_ext")
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,loss_tol,grad_tol", DTYPE_TOLS)
+def test_cpu_and_cuda_agree(dtype, loss_tol, grad_tol):
+    batch, seq, vocab, num_groups = 5, 9, 3001, 4
+    logits, targets, _ = make_inputs(batch * seq, vocab, num_groups, dtype)
+    logits, targets = logits.view(batch, seq, vocab), targets.view(batch, seq)
+    seq_groups = torch.tensor([1, 0, 3, 3, 1])
+    cpu = group_cross_entropy_fused(logits, targets, seq_groups, num_groups, normalize="groups")
+    cuda = group_cross_entropy_fused(logits.cuda(), targets.cuda(), seq_groups.cuda(), num_groups,
+                                     normalize="groups")
+    for a, b in zip(cpu[:2], cuda[:2]):
+        assert_close(b.cpu(), a, loss_tol)
+    assert torch.equal(cpu.token_counts, cuda.token_counts.cpu())
+    assert_close(cuda.grad.cpu(), cpu.grad, grad_tol)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -242,9 +242,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_cross_entropy_fused_cpu(
                                   &grad_logits);
 }
 
+void scale_rows_cpu(at::Tensor& x, const at::Tensor& row_scale) {
+  check_dim(x, "x", 2, "[N, V]");
+  check_dtype(x, "x", {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble}, "float32, float16, bfloat16 or float64");
+  TORCH_CHECK(x.is_contiguous(), "x must be contiguous");
+  check_same_device(x, "x", row_scale, "row_scale");
+  const auto want = group_loss_acc_dtype(x);
+  TORCH_CHECK(row_scale.scalar_type() == want, "row_scale must be ", want == at::kDouble ? "float64" : "float32",
+              " for ", x.scalar_type(), " x, got ", row_scale.scalar_type());
+  TORCH_CHECK(row_scale.dim() == 1 && row_scale.size(0) == x.size(0), "row_scale must be 1-D [N] with N = x.size(0) = ",
+              x.size(0), ", got shape ", row_scale.sizes());
+  const int64_t rows = x.size(0);
+  const int64_t vocab = x.size(1);
+  if (rows == 0 || vocab == 0) return;
+  const at::Tensor scale = row_scale.contiguous();
+  ScaleRowsArgs args{};
+  args.x = x.mutable_data_ptr();
+  args.row_scale = scale.const_data_ptr();
+  args.dtype = to_logits_dtype(x.scalar_type());
+  args.vocab = vocab;
+  auto kernel = &scale_rows_default;
+  if (args.dtype != LogitsDtype::Double) {
+    switch (cpu_capability()) {
+      case CpuCapability::AVX512: kernel = &scale_rows_avx512; break;
+      case CpuCapability::AVX2: kernel = &scale_rows_avx2; break;
+      default: break;
+    }
+  }
+  at::parallel_for(0, rows, std::max<int64_t>(1, kMinElemsPerTask / vocab), [&](int64_t begin, int64_t end) {
+    ScaleRowsArgs task = args;
+    task.row_begin = begin;
+    task.row_end = end;
+    kernel(task);
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(aioli_ext, CPU, m) {
+  m.impl("scale_rows_", &scale_rows_cpu);
   m.impl("group_cross_entropy", &group_cross_entropy_cpu);
   m.impl("group_cross_entropy_with_grad", &group_cross_entropy_with_grad_cpu);
   m.impl("group_cross_entropy_fused", &group_cross_entropy_fused_cpu);

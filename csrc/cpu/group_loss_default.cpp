@@ -14,4 +14,13 @@ void group_loss_rows_default(const GroupLossRowsArgs& args) {
   }
 }
 
+void scale_rows_default(const ScaleRowsArgs& args) {
+  switch (args.dtype) {
+    case LogitsDtype::Float: return scale_rows<float>(args);
+    case LogitsDtype::Half: return scale_rows<c10::Half>(args);
+    case LogitsDtype::BFloat16: return scale_rows<c10::BFloat16>(args);
+    case LogitsDtype::Double: return scale_rows<double>(args);
+  }
+}
+
 }  // namespace aioli_ext

@@ -31,6 +31,16 @@ struct GroupLossRowsArgs {
   bool stream_grad;
 };
 
+// x[i, :] *= row_scale[i] for rows [row_begin, row_end) of a row-major [N, V] matrix, in fp32 (fp64 for Double).
+struct ScaleRowsArgs {
+  void* x;                 // [N, V], element type `dtype`
+  const void* row_scale;   // [N] float (double for Double)
+  LogitsDtype dtype;
+  int64_t vocab;
+  int64_t row_begin;
+  int64_t row_end;
+};
+
 // Per row i (not ignored): loss[i] = logsumexp(logits[i]) - logits[i, targets[i]], accumulated in fp32 (fp64
 // for Double); with grad_logits, also grad_logits[i, :] = s * (softmax(logits[i]) - onehot(targets[i])),
 // s = group_scale[g(i)], written while the row is still in cache. Ignored rows: loss 0, gradient row 0, and
@@ -38,5 +48,9 @@ struct GroupLossRowsArgs {
 void group_loss_rows_default(const GroupLossRowsArgs& args);
 void group_loss_rows_avx2(const GroupLossRowsArgs& args);    // Float, Half, BFloat16 only
 void group_loss_rows_avx512(const GroupLossRowsArgs& args);  // Float, Half, BFloat16 only
+
+void scale_rows_default(const ScaleRowsArgs& args);
+void scale_rows_avx2(const ScaleRowsArgs& args);    // Float, Half, BFloat16 only
+void scale_rows_avx512(const ScaleRowsArgs& args);  // Float, Half, BFloat16 only
 
 }  // namespace aioli_ext

@@ -416,6 +416,30 @@ void group_loss_rows(const GroupLossRowsArgs& args) {
 }
 
 template <typename scalar_t>
+void scale_rows(const ScaleRowsArgs& args) {
+  using Io = RowIo<scalar_t>;
+  using acc_t = typename Io::acc_t;
+  using Vec = typename Io::Vec;
+  auto* x = static_cast<scalar_t*>(args.x);
+  const auto* row_scale = static_cast<const acc_t*>(args.row_scale);
+  const int64_t vocab = args.vocab;
+  for (int64_t i = args.row_begin; i < args.row_end; ++i) {
+    scalar_t* row = x + i * vocab;
+    const Vec scale(row_scale[i]);
+    Vec a, b;
+    int64_t j = 0;
+    for (; j + Io::kStep <= vocab; j += Io::kStep) {
+      Io::load(row + j, a, b);
+      Io::store(row + j, a * scale, b * scale);
+    }
+    if (j < vocab) {
+      Io::load_partial(row + j, vocab - j, Vec(acc_t(0)), a, b);
+      Io::store_partial(row + j, vocab - j, a * scale, b * scale);
+    }
+  }
+}
+
+template <typename scalar_t>
 void group_loss_rows_for(const GroupLossRowsArgs& args) {
   if (args.group_ids_int64) {
     group_loss_rows<scalar_t, int64_t>(args);
