@@ -397,7 +397,9 @@ std::vector<int64_t> sample_iid_round0(const mixture::SampleShape& shape, const 
   at::parallel_for(0, num_chunks, 1, [&](int64_t cb, int64_t ce) {
     PermutationCache cache(shape.num_groups);
     SampleWriter writer(table, cache, permutation_lanes, out_ids, out_groups);
-    constexpr int64_t kAhead = 8;
+    // With large K the group's counter and table entry are cache misses (L3 or memory): fetch them far enough
+    // ahead to cover a memory latency at a few ns per slot; with small K the prefetches are cheap L1 hits.
+    constexpr int64_t kAhead = 24;
     for (int64_t c = cb; c < ce; ++c) {
       int64_t* next = chunk_next.data() + c * num_groups;
       const int64_t begin = chunk_begin(c, num_chunks, batch);
