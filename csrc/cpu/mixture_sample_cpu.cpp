@@ -2,6 +2,10 @@
 // backends) and the test ops philox4x32 / keyed_permutation. Per-slot math lives in csrc/mixture_sample.h;
 // this file only adds the parallel structure (chunks of slots over at::parallel_for).
 #include <cmath>
+#ifdef __linux__
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
 #include <cstring>
 #include <limits>
 #include <tuple>
@@ -15,6 +19,8 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cpu/cpu_capability.h"
+#include "cpu/mixture_draw_kernel.h"
 #include "mixture_sample.h"
 #include "mixture_sample_host.h"
 
@@ -76,6 +82,161 @@ struct IndexView {
 
   void prefetch(int64_t group) const { __builtin_prefetch(ranges + 2 * group); }
 };
+
+// The permutations of the epochs a call's positions fall in, made once per call for every group drawn
+// (positions cursor[g] .. cursor[g] + total[g] - 1), shared by all threads. With many groups a per-slot cache
+// keyed on the group misses nearly every time (one Philox call and a permutation set-up per slot); this table
+// costs one or two Philox calls per drawn group instead, and one cache line of look-up per slot. A group that
+// passes through more than two epochs in one call (fewer samples than draws) falls back to the cache.
+class GroupEpochTable {
+ public:
+  GroupEpochTable(const IndexView& index, const int64_t* cursor, const int64_t* totals, int64_t num_groups)
+      : index_(index), entries_(static_cast<size_t>(num_groups)) {
+    at::parallel_for(0, num_groups, 4096, [&](int64_t gb, int64_t ge) {
+      for (int64_t g = gb; g < ge; ++g) {
+        if (totals[g] <= 0) continue;  // never read
+        Entry& e = entries_[g];
+        e.start = index.ranges[2 * g];
+        e.size = static_cast<uint64_t>(index.ranges[2 * g + 1]);
+        const uint64_t epoch = static_cast<uint64_t>(cursor[g]) / e.size;
+        e.epoch_begin = epoch * e.size;
+        e.perm[0] = mixture::group_epoch_permutation(index.seed, static_cast<uint64_t>(g), epoch, e.size);
+        if (static_cast<uint64_t>(cursor[g] + totals[g]) > e.epoch_begin + e.size) {
+          e.perm[1] = mixture::group_epoch_permutation(index.seed, static_cast<uint64_t>(g), epoch + 1, e.size);
+        }
+      }
+    });
+  }
+
+  void prefetch(int64_t group) const { __builtin_prefetch(&entries_[group]); }
+
+  // The permutation and offset of stream position `position` of `group` (a position of this call), and the
+  // group's first flat index; nullptr when the position is past the tabulated epochs.
+  __attribute__((always_inline)) const KeyedPermutation* find(int64_t group, int64_t position, uint64_t* offset,
+                                                              int64_t* start) const {
+    const Entry& e = entries_[group];
+    uint64_t o = static_cast<uint64_t>(position) - e.epoch_begin;
+    *start = e.start;
+    if (o < e.size) {
+      *offset = o;
+      return &e.perm[0];
+    }
+    if ((o -= e.size) < e.size) {
+      *offset = o;
+      return &e.perm[1];
+    }
+    return nullptr;
+  }
+
+  // Same value as IndexView::sample(cache, group, position), for a position of this call.
+  __attribute__((always_inline)) int64_t sample(PermutationCache& cache, int64_t group, int64_t position) const {
+    uint64_t offset;
+    int64_t start;
+    const KeyedPermutation* perm = find(group, position, &offset, &start);
+    if (perm == nullptr) return index_.sample(cache, group, position);
+    return flat_to_id(start + static_cast<int64_t>((*perm)(offset)));
+  }
+
+  int64_t flat_to_id(int64_t flat) const { return index_.csr != nullptr ? index_.csr[flat] : flat; }
+
+ private:
+  struct alignas(64) Entry {
+    int64_t start;
+    uint64_t size;
+    uint64_t epoch_begin;  // first position of the epoch of perm[0]; perm[1] is the next epoch
+    KeyedPermutation perm[2];
+  };
+  const IndexView& index_;
+  std::vector<Entry> entries_;
+};
+
+// Writes the sample ids of a thread's slots in blocks: the Feistel permutations of a block are evaluated
+// together by the vectorised lane kernel; tiny groups (Fisher-Yates permutations) and positions past the
+// table's epochs are evaluated one by one. Call flush() after the last add().
+class SampleWriter {
+ public:
+  SampleWriter(const GroupEpochTable& table, PermutationCache& cache, PermutationLanesKernel kernel,
+               int64_t* out_ids, int64_t* out_groups)
+      : table_(table), cache_(cache), kernel_(kernel), out_ids_(out_ids), out_groups_(out_groups) {}
+
+  __attribute__((always_inline)) void add(int64_t out_index, int64_t group, int64_t position) {
+    out_groups_[out_index] = group;
+    uint64_t offset;
+    int64_t start;
+    const KeyedPermutation* perm = table_.find(group, position, &offset, &start);
+    if (perm == nullptr) {
+      out_ids_[out_index] = table_.sample(cache_, group, position);
+      return;
+    }
+    if (perm->size <= kSmallPermutationSize) {
+      out_ids_[out_index] = table_.flat_to_id(start + static_cast<int64_t>((*perm)(offset)));
+      return;
+    }
+    const int i = count_;
+    lanes_.value[i] = offset;
+    lanes_.size[i] = perm->size;
+    lanes_.bits[i] = static_cast<uint64_t>(perm->left_bits + perm->right_bits);
+    for (int r = 0; r < kFeistelRounds; ++r) lanes_.key[r][i] = static_cast<uint64_t>(perm->keys[r]) << 32;
+    start_[i] = start;
+    out_index_[i] = out_index;
+    if (++count_ == kPermutationLanes) flush();
+  }
+
+  void flush() {
+    if (count_ == 0) return;
+    kernel_(lanes_, count_);
+    for (int i = 0; i < count_; ++i) {
+      out_ids_[out_index_[i]] = table_.flat_to_id(start_[i] + static_cast<int64_t>(lanes_.value[i]));
+    }
+    count_ = 0;
+  }
+
+ private:
+  const GroupEpochTable& table_;
+  PermutationCache& cache_;
+  PermutationLanesKernel kernel_;
+  int64_t* out_ids_;
+  int64_t* out_groups_;
+  PermutationLanes lanes_;
+  int64_t start_[kPermutationLanes];
+  int64_t out_index_[kPermutationLanes];
+  int count_ = 0;
+};
+
+PermutationLanesKernel select_permutation_lanes_kernel() {
+  switch (cpu_capability()) {
+    case CpuCapability::AVX512: return &permutation_lanes_avx512;
+    case CpuCapability::AVX2: return &permutation_lanes_avx2;
+    default: return &permutation_lanes_default;
+  }
+}
+
+SlotRandomPairsKernel select_slot_random_kernel() {
+  switch (cpu_capability()) {
+    case CpuCapability::AVX512: return &slot_random_pairs_avx512;
+    case CpuCapability::AVX2: return &slot_random_pairs_avx2;
+    default: return &slot_random_pairs_default;
+  }
+}
+
+// A fresh [B] output is mostly page-fault cost on first touch (4 KB faults: about a sixth of a call's time at
+// B = 2^22). Advising transparent huge pages on the new allocation, which only this op owns, cuts the number of
+// faults 512-fold where the kernel allows THP on request ("madvise" mode). Same results either way.
+void advise_huge_pages(const at::Tensor& fresh) {
+#ifdef __linux__
+  const int64_t bytes = fresh.numel() * fresh.element_size();
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (bytes < int64_t(2 * kHuge)) return;
+  const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const auto begin = reinterpret_cast<uintptr_t>(fresh.const_data_ptr());
+  const uintptr_t start = (begin + page - 1) & ~(page - 1);
+  const uintptr_t end = (begin + static_cast<uintptr_t>(bytes)) & ~(page - 1);
+  // Advice only: on failure (THP disabled, old kernel) the buffer simply keeps 4 KB pages.
+  (void)madvise(reinterpret_cast<void*>(start), end - start, MADV_HUGEPAGE);
+#else
+  (void)fresh;
+#endif
+}
 
 constexpr int64_t kMinSlotsPerChunk = 8192;
 
@@ -190,25 +351,22 @@ std::vector<int64_t> sample_iid_round0(const mixture::SampleShape& shape, const 
   const uint64_t* cumulative_u = reinterpret_cast<const uint64_t*>(cumulative);
   // Tables that stay in L1/L2 need no prefetching; it only costs instructions there.
   const bool large_tables = num_groups > 4096;
+  const SlotRandomPairsKernel slot_random_pairs = select_slot_random_kernel();
   at::parallel_for(0, num_chunks, 1, [&](int64_t cb, int64_t ce) {
     // Blocks of slots: all random numbers of a block first, with a prefetch of their guide buckets, so that
     // the table look-ups of a large K overlap instead of stalling one after the other.
-    constexpr int kBlock = 32;
+    // The random words of a block come from the vectorised Philox kernel (chunks start on even slots).
+    constexpr int kBlock = 2 * kSlotRandomBlockPairs;
     uint64_t values[kBlock];
     for (int64_t c = cb; c < ce; ++c) {
       int64_t* counts = chunk_next.data() + c * num_groups;
       const int64_t end = chunk_begin(c + 1, num_chunks, batch);
       for (int64_t j0 = chunk_begin(c, num_chunks, batch); j0 < end; j0 += kBlock) {
         const int n = static_cast<int>(std::min<int64_t>(kBlock, end - j0));
-        for (int i = 0; i < n; i += 2) {
-          const mixture::SlotPairRandom r =
-              mixture::slot_pair_random(seed, step, 0, static_cast<uint64_t>(j0 + i) >> 1);
-          values[i] = mixture::threshold_value(r.even, cumulative, num_groups);
-          values[i + 1] = mixture::threshold_value(r.odd, cumulative, num_groups);
-          if (large_tables) {
-            __builtin_prefetch(guide + (values[i] >> shape.guide_shift));
-            __builtin_prefetch(guide + (values[i + 1] >> shape.guide_shift));
-          }
+        slot_random_pairs(seed, step, 0, static_cast<uint64_t>(j0) >> 1, (n + 1) / 2, values);
+        for (int i = 0; i < n; ++i) {
+          values[i] = mixture::threshold_value(values[i], cumulative, num_groups);
+          if (large_tables) __builtin_prefetch(guide + (values[i] >> shape.guide_shift));
         }
         if (large_tables) {
           for (int i = 0; i < n; ++i) {
@@ -234,9 +392,14 @@ std::vector<int64_t> sample_iid_round0(const mixture::SampleShape& shape, const 
       group_total[g] += n;
     }
   }
+  const GroupEpochTable table(index, cursor, group_total.data(), num_groups);
+  const PermutationLanesKernel permutation_lanes = select_permutation_lanes_kernel();
   at::parallel_for(0, num_chunks, 1, [&](int64_t cb, int64_t ce) {
     PermutationCache cache(shape.num_groups);
-    constexpr int64_t kAhead = 8;
+    SampleWriter writer(table, cache, permutation_lanes, out_ids, out_groups);
+    // With large K the group's counter and table entry are cache misses (L3 or memory): fetch them far enough
+    // ahead to cover a memory latency at a few ns per slot; with small K the prefetches are cheap L1 hits.
+    constexpr int64_t kAhead = 24;
     for (int64_t c = cb; c < ce; ++c) {
       int64_t* next = chunk_next.data() + c * num_groups;
       const int64_t begin = chunk_begin(c, num_chunks, batch);
@@ -246,7 +409,7 @@ std::vector<int64_t> sample_iid_round0(const mixture::SampleShape& shape, const 
         if (j + kAhead < end) {
           const int64_t ahead = slot_group[j + kAhead];
           __builtin_prefetch(next + ahead);
-          if (j + kAhead >= lo) index.prefetch(ahead);
+          if (j + kAhead >= lo) table.prefetch(ahead);
         }
         const int64_t g = slot_group[j];
         const int64_t position = next[g]++;
@@ -254,12 +417,10 @@ std::vector<int64_t> sample_iid_round0(const mixture::SampleShape& shape, const 
           pending[c].push_back(j);
           continue;
         }
-        if (j >= lo && j < hi) {
-          out_ids[j - lo] = index.sample(cache, g, position);
-          out_groups[j - lo] = g;
-        }
+        if (j >= lo && j < hi) writer.add(j - lo, g, position);
       }
     }
+    writer.flush();
   });
   for (int64_t g = 0; g < num_groups; ++g) {
     cursor[g] += shape.capped ? std::min(group_total[g], remaining[g]) : group_total[g];
@@ -302,10 +463,15 @@ std::vector<int64_t> sample_systematic_round0(const mixture::SampleShape& shape,
     entry_guide[buckets] = static_cast<int32_t>(num_groups - 1);
   }
   const bool large_tables = num_groups > 4096;
+  std::vector<int64_t> group_total(num_groups);
+  for (int64_t g = 0; g < num_groups; ++g) group_total[g] = slot_counts[g + 1] - slot_counts[g];
+  const GroupEpochTable table(index, cursor, group_total.data(), num_groups);
   const int64_t num_chunks = chunk_count(batch);
   std::vector<std::vector<int64_t>> pending(num_chunks);
+  const PermutationLanesKernel permutation_lanes = select_permutation_lanes_kernel();
   at::parallel_for(0, num_chunks, 1, [&](int64_t cb, int64_t ce) {
     PermutationCache cache(shape.num_groups);
+    SampleWriter writer(table, cache, permutation_lanes, out_ids, out_groups);
     for (int64_t c = cb; c < ce; ++c) {
       const int64_t begin = chunk_begin(c, num_chunks, batch);
       const int64_t end = chunk_begin(c + 1, num_chunks, batch);
@@ -333,7 +499,7 @@ std::vector<int64_t> sample_systematic_round0(const mixture::SampleShape& shape,
                                          static_cast<uint64_t>(entry[i]));
           if (large_tables) {
             __builtin_prefetch(cursor + group[i]);
-            index.prefetch(group[i]);
+            table.prefetch(group[i]);
           }
         }
         for (int i = 0; i < n; ++i) {
@@ -344,13 +510,11 @@ std::vector<int64_t> sample_systematic_round0(const mixture::SampleShape& shape,
             pending[c].push_back(j);
             continue;
           }
-          if (j >= lo && j < hi) {
-            out_ids[j - lo] = index.sample(cache, g, cursor[g] + k);
-            out_groups[j - lo] = g;
-          }
+          if (j >= lo && j < hi) writer.add(j - lo, g, cursor[g] + k);
         }
       }
     }
+    writer.flush();
   });
   for (int64_t g = 0; g < num_groups; ++g) {
     const int64_t count = slot_counts[g + 1] - slot_counts[g];
@@ -374,6 +538,8 @@ std::tuple<at::Tensor, at::Tensor> mixture_sample_cpu(
   const int64_t per_rank = shape.slice_end - shape.slice_begin;
   at::Tensor out_ids = at::empty({per_rank}, group_ranges.options());
   at::Tensor out_groups = at::empty({per_rank}, group_ranges.options());
+  advise_huge_pages(out_ids);
+  advise_huge_pages(out_groups);
   const IndexView index{group_ranges.data_ptr<int64_t>(),
                         shape.csr ? csr_sample_ids->data_ptr<int64_t>() : nullptr, static_cast<uint64_t>(seed)};
   int64_t* cursor_ptr = cursor.data_ptr<int64_t>();
