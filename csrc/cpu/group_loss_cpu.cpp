@@ -17,12 +17,8 @@
 #include <tuple>
 #include <vector>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#include <unistd.h>
-#endif
-
 #include "cpu/cpu_capability.h"
+#include "cpu/huge_pages.h"
 #include "cpu/group_loss_kernel.h"
 #include "group_loss.h"
 #include "group_loss_checks.h"
@@ -69,24 +65,6 @@ bool should_stream_gradient(const at::Tensor& grad_logits, const at::Tensor& log
   return page_resident(first) && page_resident(first + bytes - 1);
 }
 
-// A fresh [N, V] gradient is mostly page-fault cost on first touch (measured: 4 KB faults make a fresh buffer
-// ~3x slower to fill than a reused one). Advising transparent huge pages on the new allocation, which only
-// this op owns, cuts the number of faults 512-fold where the kernel allows THP on request ("madvise" mode).
-void advise_huge_pages(const at::Tensor& fresh) {
-#ifdef __linux__
-  const int64_t bytes = fresh.numel() * fresh.element_size();
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  if (bytes < int64_t(2 * kHuge)) return;
-  const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-  const auto begin = reinterpret_cast<uintptr_t>(fresh.const_data_ptr());
-  const uintptr_t start = (begin + page - 1) & ~(page - 1);
-  const uintptr_t end = (begin + static_cast<uintptr_t>(bytes)) & ~(page - 1);
-  // Advice only: on failure (THP disabled, old kernel) the buffer simply keeps 4 KB pages.
-  (void)madvise(reinterpret_cast<void*>(start), end - start, MADV_HUGEPAGE);
-#else
-  (void)fresh;
-#endif
-}
 
 using RowsKernel = void (*)(const GroupLossRowsArgs&);
 

@@ -2,10 +2,6 @@
 // backends) and the test ops philox4x32 / keyed_permutation. Per-slot math lives in csrc/mixture_sample.h;
 // this file only adds the parallel structure (chunks of slots over at::parallel_for).
 #include <cmath>
-#ifdef __linux__
-#include <sys/mman.h>
-#include <unistd.h>
-#endif
 #include <cstring>
 #include <limits>
 #include <tuple>
@@ -20,6 +16,7 @@
 
 #include "checks.h"
 #include "cpu/cpu_capability.h"
+#include "cpu/huge_pages.h"
 #include "cpu/mixture_draw_kernel.h"
 #include "mixture_sample.h"
 #include "mixture_sample_host.h"
@@ -219,24 +216,6 @@ SlotRandomPairsKernel select_slot_random_kernel() {
   }
 }
 
-// A fresh [B] output is mostly page-fault cost on first touch (4 KB faults: about a sixth of a call's time at
-// B = 2^22). Advising transparent huge pages on the new allocation, which only this op owns, cuts the number of
-// faults 512-fold where the kernel allows THP on request ("madvise" mode). Same results either way.
-void advise_huge_pages(const at::Tensor& fresh) {
-#ifdef __linux__
-  const int64_t bytes = fresh.numel() * fresh.element_size();
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  if (bytes < int64_t(2 * kHuge)) return;
-  const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-  const auto begin = reinterpret_cast<uintptr_t>(fresh.const_data_ptr());
-  const uintptr_t start = (begin + page - 1) & ~(page - 1);
-  const uintptr_t end = (begin + static_cast<uintptr_t>(bytes)) & ~(page - 1);
-  // Advice only: on failure (THP disabled, old kernel) the buffer simply keeps 4 KB pages.
-  (void)madvise(reinterpret_cast<void*>(start), end - start, MADV_HUGEPAGE);
-#else
-  (void)fresh;
-#endif
-}
 
 constexpr int64_t kMinSlotsPerChunk = 8192;
 
