@@ -15,6 +15,8 @@ def _atomic(path, write):
             write(stream)
             stream.flush()
             os.fsync(stream.fileno())
+        # mkstemp creates owner-only files; results are meant to be read like any other output.
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
