@@ -1,0 +1,313 @@
+"""One training run: a small GPT on a token store, batches from MixtureSampler at the mixer's proportions.
+
+Order inside every step (the mixer protocol of :mod:`aioli_ext.mixing.base`): evaluate if the mixer (or the
+validation curve) wants it, ask the mixer for the step's exact group counts, draw the batch, take one AdamW
+step. Checkpoints hold the model, the optimiser, the sampler, the mixer (its RNG and log included), the torch
+RNG and the run's history, so a resumed run continues bit for bit.
+"""
+import json
+import math
+import os
+import platform
+import time
+
+import torch
+
+from ..data import TokenStore
+from ..losses import group_linear_cross_entropy
+from ..mixing import MIXERS, GroupEvaluator
+from ..model import GPT, GPTConfig
+from ..sampler import MixtureSampler
+from .checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
+from .config import TrainConfig, validate
+
+CHECKPOINT = "checkpoint.pt"
+RESULT = "result.json"
+
+
+class RunError(ValueError):
+    """A run cannot start (bad settings, data or checkpoint); the message says which and why."""
+
+
+def lr_at(step, cfg):
+    """Linear warm-up to cfg.lr over cfg.warmup steps, then cosine down to cfg.lr * cfg.min_lr_ratio."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    floor = cfg.min_lr_ratio
+    return cfg.lr * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def _reference_losses(cfg, num_groups):
+    if cfg.reference_losses is not None:
+        return [float(x) for x in cfg.reference_losses]
+    if cfg.reference_run is not None:
+        path = cfg.reference_run
+        if os.path.isdir(path):
+            path = os.path.join(path, RESULT)
+        if not os.path.isfile(path):
+            raise RunError(f"reference_run: {path!r} does not exist (give a run folder or its {RESULT})")
+        with open(path) as handle:
+            losses = json.load(handle)["final_val_loss"]
+        if len(losses) != num_groups:
+            raise RunError(f"reference_run: {path!r} has {len(losses)} groups, this run has {num_groups}")
+        return losses
+    # Without a reference model every excess loss is the loss itself: DoReMi then favours the hardest groups.
+    return [0.0] * num_groups
+
+
+def build_mixer(cfg: TrainConfig, num_groups: int):
+    """The mixer of ``cfg.method`` for a run of ``cfg.steps`` steps over ``num_groups`` groups."""
+    if cfg.method == "aioli":
+        return MIXERS["aioli"](num_groups, update_steps=cfg.update_steps, lp_sweeps=cfg.lp_sweeps,
+                               lp_steps=cfg.lp_steps, one_hot=cfg.one_hot, eta=cfg.eta, ema=cfg.ema,
+                               diagonal=cfg.diagonal, prior=cfg.prior, prior_steps=cfg.prior_steps,
+                               rounds=cfg.rounds, total_steps=cfg.steps, seed=cfg.seed)
+    if cfg.method == "stratified":
+        return MIXERS["stratified"](num_groups)
+    if cfg.method == "static":
+        return MIXERS["static"](num_groups, cfg.proportions)
+    if cfg.method == "skillit":
+        graph = cfg.skills_graph if cfg.skills_graph is not None else torch.eye(num_groups, dtype=torch.float64)
+        return MIXERS["skillit"](num_groups, skills_graph=graph, update_steps=cfg.update_steps,
+                                 eta=cfg.skillit_eta, window=cfg.skillit_window, rounds=cfg.rounds,
+                                 total_steps=cfg.steps)
+    return MIXERS["doremi"](num_groups, reference_losses=_reference_losses(cfg, num_groups),
+                            update_steps=cfg.update_steps, step_size=cfg.doremi_step_size,
+                            smoothing=cfg.doremi_smoothing, rounds=cfg.rounds, total_steps=cfg.steps)
+
+
+class Run:
+    """Everything a run holds; built and checked before anything is written."""
+
+    def __init__(self, cfg: TrainConfig):
+        try:
+            validate(cfg)
+            store = TokenStore.open(cfg.corpus, groups=cfg.groups)
+        except (OSError, ValueError, KeyError) as exc:
+            raise RunError(str(exc)) from None
+        self.cfg = cfg
+        self.store = store
+        self.groups = list(store.groups)
+        k = len(self.groups)
+        try:
+            validate(cfg, num_groups=k)
+            if cfg.method in ("aioli",) and k < 2:
+                raise ValueError(f"method 'aioli' needs at least 2 groups, got {self.groups}")
+            self.train_windows = store.windows("train", cfg.context)
+            self.val_windows = store.windows("val", cfg.context)
+            self.test_windows = store.windows("test", cfg.context)
+            self.mixer = build_mixer(cfg, k)
+        except (OSError, ValueError, KeyError) as exc:
+            raise RunError(str(exc)) from None
+        self.num_groups = k
+        self.val_evaluator = self._evaluator(self.val_windows, cfg.eval_windows)
+        self.model = GPT(GPTConfig(vocab_size=store.vocab_size, context_length=cfg.context, d_model=cfg.d_model,
+                                   n_layers=cfg.layers, n_heads=cfg.heads), seed=cfg.seed)
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}],
+                                           lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        self.sampler = MixtureSampler(self.train_windows.num_examples.tolist(), seed=cfg.seed,
+                                      mode=cfg.sampler_mode)
+        self.step = 0
+        self.history = {"train_loss": [], "group_counts": [], "val_curve": [], "train_seconds": 0.0}
+
+    def _evaluator(self, windows, per_group):
+        sequences = []
+        for ids in windows.evaluation_ids(per_group):
+            tokens, _ = windows.gather(ids)
+            sequences.append(tokens)
+        return GroupEvaluator.from_group_sequences(sequences, batch_size=self.cfg.eval_batch)
+
+    def forward(self, inputs):
+        return self.model(inputs), self.model.lm_head.weight
+
+    # ---- checkpoint -----------------------------------------------------------------------------------------
+    def state_dict(self):
+        return {"format": "aioli_ext-train-checkpoint", "version": 1, "step": self.step,
+                "settings": self.cfg.numeric_settings(), "groups": self.groups,
+                "corpus_fingerprint": self.store.manifest.get("fingerprint"),
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "sampler": self.sampler.state_dict(), "mixer": self.mixer.state_dict(),
+                "torch_rng": torch.get_rng_state(), "history": self.history}
+
+    def load_state_dict(self, state, where):
+        if state.get("format") != "aioli_ext-train-checkpoint":
+            raise RunError(f"{where} is not a training checkpoint")
+        settings = self.cfg.numeric_settings()
+        changed = sorted(k for k in settings if state["settings"].get(k) != settings[k])
+        if changed:
+            detail = ", ".join(f"{k}: {state['settings'].get(k)!r} -> {settings[k]!r}" for k in changed)
+            raise RunError(f"--resume: {where} was made with other settings ({detail}); resume with the same "
+                           f"settings or start a new run (--overwrite)")
+        if state["corpus_fingerprint"] != self.store.manifest.get("fingerprint"):
+            raise RunError(f"--resume: {where} was made on another corpus (fingerprint differs)")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.mixer.load_state_dict(state["mixer"])
+        torch.set_rng_state(state["torch_rng"])
+        self.history = state["history"]
+        self.step = int(state["step"])
+
+
+def prepare_output(cfg: TrainConfig, resume: bool, overwrite: bool):
+    """Check what the output folder holds against --resume/--overwrite; returns the checkpoint path to load."""
+    checkpoint = os.path.join(cfg.out, CHECKPOINT)
+    result = os.path.join(cfg.out, RESULT)
+    if resume and overwrite:
+        raise RunError("--resume and --overwrite exclude each other")
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise RunError(f"out: {cfg.out!r} exists and is not a folder")
+    has_state = os.path.isfile(checkpoint) or os.path.isfile(result)
+    if has_state and not (resume or overwrite):
+        raise RunError(f"out: {cfg.out!r} already holds a run; pass --resume to continue it or --overwrite to "
+                       f"start again")
+    if overwrite:
+        for name in (CHECKPOINT, RESULT):
+            path = os.path.join(cfg.out, name)
+            if os.path.isfile(path):
+                os.remove(path)
+    return checkpoint if resume and os.path.isfile(checkpoint) else None
+
+
+def train(cfg: TrainConfig, *, resume=False, overwrite=False, stop_at_step=None, progress=None, callback=None):
+    """Run (or resume) one training run; returns the result dict, or None when stopped at ``stop_at_step``.
+
+    progress: show a tqdm bar (default cfg.progress). callback(step, loss, proportions) is called every step
+    (compare uses it to report progress from worker processes). stop_at_step: save a checkpoint after that many
+    steps and return, as a kill would (for tests and time slicing).
+    """
+    run = Run(cfg)
+    checkpoint = prepare_output(cfg, resume, overwrite)
+    if checkpoint is not None:
+        try:
+            state = load_checkpoint(checkpoint)
+        except (OSError, RuntimeError, ValueError, EOFError) as exc:
+            raise RunError(f"--resume: cannot read {checkpoint!r}: {exc}") from None
+        run.load_state_dict(state, checkpoint)
+    elif os.path.isfile(os.path.join(cfg.out, RESULT)):
+        with open(os.path.join(cfg.out, RESULT)) as handle:
+            return json.load(handle)
+    os.makedirs(cfg.out, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    show = cfg.progress if progress is None else progress
+    bar = None
+    if show:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.steps, initial=run.step, desc=f"{cfg.method} s{cfg.seed}", dynamic_ncols=True)
+    try:
+        _loop(run, stop_at_step, bar, callback)
+    finally:
+        if bar is not None:
+            bar.close()
+    if run.step < cfg.steps:
+        return None
+    return _finish(run)
+
+
+def _evaluate(run, step, pending):
+    """Per-group validation losses of the model after ``step`` steps, once per step whoever asks."""
+    if step not in pending:
+        pending.clear()
+        pending[step] = run.val_evaluator(run.forward)
+    return pending[step]
+
+
+def _loop(run, stop_at_step, bar, callback):
+    cfg, mixer, history = run.cfg, run.mixer, run.history
+    model, optimizer, sampler = run.model, run.optimizer, run.sampler
+    model.train()
+    cache = {}
+    smoothed = None
+    while run.step < cfg.steps:
+        step = run.step
+        if stop_at_step is not None and step >= stop_at_step:
+            break
+        if mixer.wants_eval(step):
+            mixer.observe(step, _evaluate(run, step, cache))
+        if step % cfg.eval_every == 0:
+            history["val_curve"].append({"step": step, "losses": _evaluate(run, step, cache).tolist()})
+        tick = time.perf_counter()
+        counts = mixer.group_counts(step, cfg.batch)
+        # Exact counts as weights: the systematic allocation then realises them slot for slot.
+        sample_ids, group_ids = sampler.sample(cfg.batch, counts.to(torch.float64))
+        inputs, targets, _ = run.train_windows.batch(sample_ids)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        hidden = model(inputs)
+        per_token, _, _ = group_linear_cross_entropy(hidden, model.lm_head.weight, targets, group_ids,
+                                                     run.num_groups)
+        loss = per_token.mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        history["train_seconds"] += time.perf_counter() - tick
+        value = float(loss.detach())
+        history["train_loss"].append(value)
+        history["group_counts"].append(torch.bincount(group_ids, minlength=run.num_groups).tolist())
+        run.step = step + 1
+        smoothed = value if smoothed is None else 0.95 * smoothed + 0.05 * value
+        if bar is not None:
+            bar.update(1)
+            if run.step % 10 == 0 or run.step == cfg.steps:
+                p = counts.double() / cfg.batch
+                bar.set_postfix_str(f"loss {smoothed:.3f} p [{' '.join(f'{x:.2f}' for x in p.tolist())}]")
+        if callback is not None:
+            callback(run.step, value, counts.tolist())
+        if run.step % cfg.checkpoint_every == 0 and run.step < cfg.steps:
+            save_checkpoint(run.state_dict(), os.path.join(cfg.out, CHECKPOINT))
+    if run.step < cfg.steps:
+        save_checkpoint(run.state_dict(), os.path.join(cfg.out, CHECKPOINT))
+
+
+def _finish(run):
+    cfg, history = run.cfg, run.history
+    final_val = run.val_evaluator(run.forward)
+    if not history["val_curve"] or history["val_curve"][-1]["step"] != cfg.steps:
+        history["val_curve"].append({"step": cfg.steps, "losses": final_val.tolist()})
+    test_evaluator = run._evaluator(run.test_windows, cfg.test_windows)
+    test_loss = test_evaluator(run.forward)
+    test_ppl = [math.exp(x) for x in test_loss.tolist()]
+    drawn = torch.tensor(history["group_counts"], dtype=torch.float64).sum(0)
+    mixing_log = run.mixer.log.to_dict()
+    result = {
+        "method": cfg.method, "seed": cfg.seed, "groups": run.groups, "steps": cfg.steps,
+        "settings": cfg.to_dict(), "mixer_config": _jsonable(run.mixer.config()),
+        "parameters": run.model.num_parameters(),
+        "test_loss": test_loss.tolist(), "test_ppl": test_ppl, "avg_test_ppl": sum(test_ppl) / len(test_ppl),
+        "final_val_loss": final_val.tolist(), "final_val_ppl": [math.exp(x) for x in final_val.tolist()],
+        "avg_val_ppl": sum(math.exp(x) for x in final_val.tolist()) / run.num_groups,
+        "drawn_share": (drawn / drawn.sum()).tolist(), "drawn_counts": history["group_counts"],
+        "train_loss": history["train_loss"], "val_curve": history["val_curve"],
+        "proportions": run.mixer.log.proportions_per_step(cfg.steps).tolist(),
+        "mixing_log": {"phases": mixing_log["phases"], "estimates": mixing_log["estimates"]},
+        "evaluations": len(run.mixer.log.evaluations), "train_seconds": round(history["train_seconds"], 2),
+        "test_windows": [int(n) for n in test_evaluator.tokens_per_group // cfg.context],
+        "torch": torch.__version__, "machine": platform.machine(),
+        "corpus_fingerprint": run.store.manifest.get("fingerprint"),
+    }
+    write_json_atomic(result, os.path.join(cfg.out, RESULT))
+    try:
+        from .plots import plot_run
+        plot_run(result, os.path.join(cfg.out, "run.png"))
+    except ImportError:
+        pass
+    checkpoint = os.path.join(cfg.out, CHECKPOINT)
+    if os.path.isfile(checkpoint):
+        os.remove(checkpoint)
+    return result
+
+
+def _jsonable(value):
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value

@@ -1,0 +1,258 @@
+"""The training CLI and loop: every method end to end on a tiny corpus, exact resume, drawn-group frequencies,
+and bad input (each a clear error, nothing written)."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from aioli_ext.__main__ import main as cli
+from aioli_ext.data import write_token_store
+from aioli_ext.train import RunError, TrainConfig, compare, t_interval, train
+from aioli_ext.train.compare import markdown
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _texts(kind, count, seed):
+    rng = np.random.default_rng(seed)
+    if kind == "words":
+        vocab = ["the", "model", "learns", "data", "mixing", "of", "groups", "\n"]
+        return [" ".join(rng.choice(vocab, size=80)) for _ in range(count)]
+    if kind == "hex":
+        return ["\n".join("".join(rng.choice(list("0123456789abcdef"), size=32)) for _ in range(6))
+                for _ in range(count)]
+    return ["".join(f"x{i} = {i * 7 % 13}\n" for i in range(j, j + 20)) for j in range(count)]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("corpus") / "store"
+    plan = {name: (_texts(kind, 60, seed), {"kind": "test"})
+            for seed, (name, kind) in enumerate([("prose", "words"), ("code", "code"), ("noise", "hex")])}
+    write_token_store(str(out), plan, None, 0.15, 0.15, "test-salt", 2048, False)
+    return str(out)
+
+
+def tiny(corpus, out, **changes):
+    settings = dict(corpus=corpus, context=16, d_model=16, layers=1, heads=2, batch=8, steps=24, warmup=2,
+                    update_steps=12, lp_sweeps=1, lp_steps=2, eval_windows=4, eval_batch=8, eval_every=6,
+                    test_windows=8, checkpoint_every=5, out=str(out), progress=False)
+    settings.update(changes)
+    return TrainConfig(**settings)
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("aioli", {}), ("stratified", {}), ("static", {"proportions": [0.6, 0.3, 0.1]}),
+    ("skillit", {}), ("doremi", {"reference_losses": [2.0, 1.0, 2.7]})])
+def test_every_method_trains_end_to_end(corpus, tmp_path, method, extra):
+    result = train(tiny(corpus, tmp_path / method, method=method, **extra))
+    assert result["groups"] == ["prose", "code", "noise"]
+    assert len(result["train_loss"]) == 24 and all(math.isfinite(x) for x in result["train_loss"])
+    # Training from scratch on byte tokens must beat the uniform guess (ln 257 = 5.55 nats) within 24 steps.
+    assert max(result["test_loss"]) < math.log(257)
+    assert result["avg_test_ppl"] == pytest.approx(sum(math.exp(x) for x in result["test_loss"]) / 3)
+    saved = json.load(open(tmp_path / method / "result.json"))
+    assert saved["test_ppl"] == result["test_ppl"]
+    assert os.path.getsize(tmp_path / method / "run.png") > 1000
+    assert not (tmp_path / method / "checkpoint.pt").exists()
+    # Evaluations: Aioli's rounds need 1 + k*m per round; the static ones need none.
+    expected = {"aioli": 2 * (1 + 3) + 0, "stratified": 0, "static": 0, "skillit": 2, "doremi": 2}[method]
+    assert result["evaluations"] >= expected
+
+
+def _same_run(a, b):
+    for key in ("train_loss", "test_loss", "final_val_loss", "val_curve", "proportions", "mixing_log"):
+        assert a[key] == b[key], key
+
+
+def test_stop_and_resume_is_bit_exact(corpus, tmp_path):
+    whole = train(tiny(corpus, tmp_path / "whole"))
+    for stop in (1, 7, 12, 13, 23):
+        cfg = tiny(corpus, tmp_path / f"part{stop}")
+        assert train(cfg, stop_at_step=stop) is None
+        assert (tmp_path / f"part{stop}" / "checkpoint.pt").exists()
+        resumed = train(cfg, resume=True)
+        _same_run(whole, resumed)
+
+
+def test_resume_refuses_other_settings(corpus, tmp_path):
+    cfg = tiny(corpus, tmp_path / "run")
+    train(cfg, stop_at_step=6)
+    with pytest.raises(RunError, match=r"other settings \(eta: 0.3 -> 0.5\)"):
+        train(cfg.replace(eta=0.5), resume=True)
+    with pytest.raises(RunError, match="already holds a run; pass --resume"):
+        train(cfg)
+
+
+def test_killed_process_resumes_to_the_same_numbers(corpus, tmp_path):
+    args = ["--corpus", corpus, "--context", "16", "--d-model", "16", "--layers", "1", "--heads", "2",
+            "--batch", "8", "--steps", "40", "--warmup", "2", "--update-steps", "12", "--lp-sweeps", "1",
+            "--lp-steps", "2", "--eval-windows", "4", "--eval-batch", "8", "--eval-every", "6",
+            "--test-windows", "8", "--checkpoint-every", "3", "--no-progress", "--groups", "prose,code,noise"]
+    assert cli(["train", *args, "--out", str(tmp_path / "whole")]) == 0
+    out = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "aioli_ext", "train", *args, "--out", str(out)], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = out / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.kill()
+    process.wait()
+    assert checkpoint.exists() and not (out / "result.json").exists(), "the run finished before it was killed"
+    assert cli(["train", *args, "--out", str(out), "--resume"]) == 0
+    _same_run(json.load(open(tmp_path / "whole" / "result.json")), json.load(open(out / "result.json")))
+
+
+def test_drawn_groups_follow_the_mixers_proportions(corpus, tmp_path):
+    # Static: the exact counts realise 0.7/0.2/0.1 over every block of 64 steps (512 slots), so after 64 steps
+    # the drawn shares equal the proportions to within one slot per group (1/512).
+    cfg = tiny(corpus, tmp_path / "static", method="static", proportions=[0.7, 0.2, 0.1], steps=64)
+    result = train(cfg)
+    assert np.allclose(result["drawn_share"], [0.7, 0.2, 0.1], atol=1 / 512 + 1e-12)
+    # Aioli: every finite phase (LearnParams sub-phases with their smoothed one-hot mixture, and the mixing part
+    # of each round) is realised to within one sample per group over the phase.
+    cfg = tiny(corpus, tmp_path / "aioli", steps=24)
+    run_result = train(cfg)
+    counts = np.array(run_result["drawn_counts"])
+    assert counts.shape == (24, 3) and np.all(counts.sum(1) == 8)
+    for phase in run_result["mixing_log"]["phases"]:
+        if phase["stop"] is None or phase["stop"] <= phase["start"]:
+            continue
+        drawn = counts[phase["start"]:phase["stop"]].sum(0)
+        slots = (phase["stop"] - phase["start"]) * 8
+        assert np.all(np.abs(drawn - np.array(phase["proportions"]) * slots) < 1.0 + 1e-9), phase
+
+
+def test_iid_sampler_frequencies_follow_proportions(corpus, tmp_path):
+    # i.i.d. mode draws each slot's group independently: over 100 steps x 8 slots, the share of a group with
+    # p = 0.5 has sd sqrt(0.25 / 800) = 0.018; 5 sd = 0.09 bounds a false failure far below 1e-5.
+    cfg = tiny(corpus, tmp_path / "iid", method="static", proportions=[0.5, 0.3, 0.2], steps=100,
+               sampler_mode="iid", eval_every=50)
+    result = train(cfg)
+    assert np.allclose(result["drawn_share"], [0.5, 0.3, 0.2], atol=0.09)
+
+
+def test_compare_is_paired_and_independent_of_jobs(corpus, tmp_path):
+    base = tiny(corpus, tmp_path, steps=14, update_steps=12)
+    one = compare(base, ["stratified", "aioli"], [0, 1], jobs=1, out=str(tmp_path / "one"), progress=False)
+    two = compare(base, ["stratified", "aioli"], [0, 1], jobs=2, out=str(tmp_path / "two"), progress=False)
+    def numbers(summary):
+        return [{k: v for k, v in r.items() if k != "train_seconds"} for r in summary["runs"]]
+
+    assert numbers(one) == numbers(two)
+    paired = one["methods"]["aioli"]["paired"]
+    by = {(r["method"], r["seed"]): r["avg_test_ppl"] for r in one["runs"]}
+    assert paired["differences"] == [by[("aioli", s)] - by[("stratified", s)] for s in (0, 1)]
+    for name in ("compare.json", "compare.csv", "compare.md", "compare.png"):
+        assert (tmp_path / "one" / name).stat().st_size > 100
+    # Same seed, same first step: the two methods share initial weights and evaluation set.
+    a = json.load(open(tmp_path / "one" / "stratified-s0" / "result.json"))
+    b = json.load(open(tmp_path / "one" / "aioli-s0" / "result.json"))
+    assert a["val_curve"][0] == b["val_curve"][0]
+    with pytest.raises(RunError, match="already holds runs"):
+        compare(base, ["stratified", "aioli"], [0, 1], jobs=1, out=str(tmp_path / "one"), progress=False)
+
+
+def test_t_interval_matches_the_t_distribution():
+    mean, low, high = t_interval([1.0, 2.0, 3.0])
+    # sd 1, n 3: half-width t_{0.975, 2} / sqrt(3) = 4.302653 / 1.732051.
+    assert mean == 2.0 and high - mean == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+    assert low == pytest.approx(2 * mean - high)
+
+
+def test_markdown_table_has_paired_row():
+    summary = {"groups": ["a", "b"], "baseline": "stratified", "methods": {
+        "stratified": {"seeds": [0, 1], "mean": 10.0, "sd": 0.5, "per_group_mean": [9.0, 11.0],
+                       "final_proportions_mean": [0.5, 0.5]},
+        "aioli": {"seeds": [0, 1], "mean": 9.0, "sd": 0.4, "per_group_mean": [8.0, 10.0],
+                  "final_proportions_mean": [0.8, 0.2],
+                  "paired": {"seeds": [0, 1], "differences": [-1.0, -1.0], "mean": -1.0, "ci95": [-1.0, -1.0],
+                             "wins": 2},
+                  "paired_val": {"mean": -0.5, "ci95": [-0.6, -0.4]}}}}
+    text = markdown(summary)
+    assert "| aioli | 8.000 | 10.000 | **9.000** ± 0.400 | 0.80/0.20 |" in text
+    assert "| aioli | 2 | **-1.000 [-1.000, -1.000]** | 2/2 | -1.000, -1.000 |" in text
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+
+def _nothing_written(path):
+    return not os.path.exists(path)
+
+
+def test_missing_and_empty_group_folders_are_clear_errors(tmp_path, capsys):
+    src = tmp_path / "src"
+    (src / "good").mkdir(parents=True)
+    (src / "good" / "a.txt").write_text("some text " * 100)
+    (src / "empty").mkdir()
+    out = tmp_path / "store"
+    assert cli(["prepare", "prepare-folders", str(out), f"good={src / 'good'}", f"ghost={src / 'ghost'}"]) == 2
+    assert "group 'ghost'" in capsys.readouterr().err and "does not exist" in capsys.readouterr().err + \
+        "does not exist"
+    assert _nothing_written(out)
+    assert cli(["prepare", "prepare-folders", str(out), f"good={src / 'good'}", f"empty={src / 'empty'}"]) == 2
+    assert "holds no non-empty .txt or .jsonl file" in capsys.readouterr().err
+    assert _nothing_written(out)
+
+
+def test_corrupt_token_file_is_a_clear_error(corpus, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(corpus, broken)
+    with open(broken / "code" / "train.bin", "r+b") as handle:
+        handle.truncate(os.path.getsize(broken / "code" / "train.bin") - 3)
+    out = tmp_path / "run"
+    assert cli(["train", "--corpus", str(broken), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "group 'code' split 'train'" in err and "the file is corrupt" in err
+    assert _nothing_written(out)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--method", "magic"], "argument --method: invalid choice: 'magic'"),
+    (["--one-hot", "fast"], "argument --one-hot: invalid float value: 'fast'"),
+    (["--bogus-flag", "1"], "unrecognized arguments: --bogus-flag 1"),
+    (["--sampler-mode", "random"], "argument --sampler-mode: invalid choice: 'random'"),
+])
+def test_unknown_method_or_flag_is_a_usage_error(corpus, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["train", "--corpus", corpus, "--out", str(tmp_path / "run"), *flags])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert _nothing_written(tmp_path / "run")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--one-hot", "1.5"], r"one_hot must be <= 1.0, got 1.5"),
+    (["--eta", "0"], r"eta must be > 0.0, got 0.0"),
+    (["--lp-sweeps", "4", "--lp-steps", "8", "--update-steps", "50"], r"must be fewer than update_steps = 50"),
+    (["--groups", "code,ghost"], r"groups \['ghost'\] are not in the token store"),
+    (["--method", "static"], r"method 'static' needs proportions"),
+    (["--method", "static", "--proportions", "0.5,0.5"], r"proportions must hold 3 finite numbers"),
+    (["--one-hot", "0.3333333333333333"], r"one_hot"),
+])
+def test_bad_setting_values_are_clear_errors(corpus, tmp_path, capsys, flags, message):
+    assert cli(["train", "--corpus", corpus, "--out", str(tmp_path / "run"), "--no-progress", *flags]) == 2
+    assert __import__("re").search(message, capsys.readouterr().err)
+    assert _nothing_written(tmp_path / "run")
+
+
+def test_config_file_sets_every_aioli_setting_and_flags_win(corpus, tmp_path):
+    from aioli_ext.__main__ import build_parser, config_from_args
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"eta": 0.7, "one_hot": 0.9, "lp_sweeps": 3, "lp_steps": 5, "update_steps": 250,
+                                "ema": 0.5, "diagonal": True, "prior": [0.2, 0.8], "prior_steps": 100}))
+    args = build_parser().parse_args(["train", "--config", str(path), "--eta", "0.2"])
+    cfg = config_from_args(args)
+    assert (cfg.eta, cfg.one_hot, cfg.lp_sweeps, cfg.lp_steps, cfg.update_steps) == (0.2, 0.9, 3, 5, 250)
+    assert (cfg.ema, cfg.diagonal, cfg.prior, cfg.prior_steps) == (0.5, True, [0.2, 0.8], 100)
+    path.write_text(json.dumps({"etta": 1}))
+    with pytest.raises(ValueError, match=r"unknown settings \['etta'\]"):
+        config_from_args(build_parser().parse_args(["train", "--config", str(path)]))
