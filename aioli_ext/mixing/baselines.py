@@ -84,7 +84,8 @@ class RoundMixer(Mixer):
         self._set_phase(step, stop, proportions, "mix", eval_due=stop)
 
     def _update(self, step, losses):
-        raise NotImplementedError
+        """The round's new proportions (float64 [m]) from the losses observed at ``step``; each subclass defines it."""
+        raise NotImplementedError(f"{type(self).__name__} must define _update(step, losses)")
 
     def _extra_state(self):
         return {"round": self._round}
