@@ -8,12 +8,7 @@ from aioli_ext.reference import group_cross_entropy_reference, group_objective_r
 
 ops = torch.ops.aioli_ext
 
-CUDA_OK = torch.cuda.is_available() and aioli_ext.cuda_built()
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-        not CUDA_OK, reason="needs a GPU and a CUDA build of aioli_ext")]),
-]
+from devices import DEVICES, requires_cuda
 
 # (dtype, loss tolerance, gradient tolerance), used as rtol = atol.
 # The reference upcasts the very same logits to fp64, so for fp32/fp16/bf16 the loss differs only by the
@@ -546,7 +541,7 @@ def test_bad_op_level_arguments(device):
                                       storage[10:70].view(6, 10))
 
 
-@pytest.mark.skipif(not CUDA_OK, reason="needs a GPU and a CUDA build of aioli_ext")
+@requires_cuda
 @pytest.mark.cuda
 def test_op_rejects_tensors_on_different_devices():
     logits, targets, group_ids = _valid("cpu")
@@ -554,7 +549,7 @@ def test_op_rejects_tensors_on_different_devices():
         ops.group_cross_entropy(logits.cuda(), targets, group_ids.cuda(), 3, -100, 1)
 
 
-@pytest.mark.skipif(not CUDA_OK, reason="needs a GPU and a CUDA build of aioli_ext")
+@requires_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype,loss_tol,grad_tol", DTYPE_TOLS)
 def test_cpu_and_cuda_agree(dtype, loss_tol, grad_tol):

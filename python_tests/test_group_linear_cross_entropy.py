@@ -13,12 +13,7 @@ from aioli_ext.reference import group_linear_cross_entropy_reference, group_obje
 
 ops = torch.ops.aioli_ext
 
-CUDA_OK = torch.cuda.is_available() and aioli_ext.cuda_built()
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-        not CUDA_OK, reason="needs a GPU and a CUDA build of aioli_ext")]),
-]
+from devices import DEVICES
 
 # (dtype, u): the relative error of one logit as the op computes it (hidden @ weight.T in the input dtype):
 # the unit roundoff of the output rounding for fp16 (2^-11) and bf16 (2^-8, rounding to nearest is 2^-9: a

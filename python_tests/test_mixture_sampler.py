@@ -13,9 +13,7 @@ from aioli_ext import ops
 from aioli_ext import reference as ref
 from aioli_ext.sampler import MixtureBatchSampler, MixtureSampler
 
-HAS_CUDA = torch.cuda.is_available() and aioli_ext.cuda_built()
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA "
-                                                                                  "build of aioli_ext"))]
+from devices import DEVICES, requires_cuda
 MODES = ["iid", "systematic"]
 # Statistical tests run with fixed seeds (deterministic) and reject below this p-value.
 P_VALUE_THRESHOLD = 1e-4
@@ -453,7 +451,7 @@ def test_max_epochs_stops_drawing_a_group_and_reports_it(mode):
 # ---------------------------------------------------------------------------------------------------------------
 # CPU and CUDA agree bit for bit
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build of aioli_ext")
+@requires_cuda
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("kind", ["ranges", "csr", "capped", "ranks", "many_groups"])
 def test_cpu_and_cuda_give_identical_draws(mode, kind):
@@ -486,7 +484,7 @@ def test_cpu_and_cuda_give_identical_draws(mode, kind):
         assert torch.equal(a[0], b[0].cpu()) and torch.equal(a[1], b[1].cpu())
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build of aioli_ext")
+@requires_cuda
 def test_cuda_state_round_trips_through_cpu():
     cuda = MixtureSampler([10, 20, 30], seed=2, device="cuda", mode="systematic")
     cuda.sample(16, [1, 2, 3])
