@@ -32,8 +32,8 @@ from typing import Optional
 import torch
 import torch.utils._python_dispatch
 
-from .ops import (_acc_dtype, _can_consume_saved_gradient, _row_coefficients, group_cross_entropy,
-                  group_cross_entropy_fused)
+from .ops import (_acc_dtype, _can_consume_saved_gradient, _flatten_group_loss_args, _row_coefficients,
+                  group_cross_entropy, group_cross_entropy_fused)
 
 # Bytes of one chunk's logits buffer (the only [C, V] tensor alive at any time). 256 MiB keeps the matmuls
 # large (C >= ~1000 rows for V = 128K in bf16) while staying small next to [N, V] logits of real runs.
@@ -472,30 +472,9 @@ _with_grad_op.register_autograd(_with_grad_backward, setup_context=_with_grad_se
 # ------------------------------------------------------------------------------------------------ the API
 
 def _flatten_linear_args(hidden, targets, group_ids):
-    """[N, D] or [B, T, D] hidden -> ([N, D] hidden, [N] targets, group ids, seq_len), like group_cross_entropy
-    does for logits: per-sequence ids [B] of 3-D hidden stay [B] with seq_len = T."""
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() not in (2, 3):
-        got = f"{hidden.dim()}-D tensor of shape {tuple(hidden.shape)}" if isinstance(hidden, torch.Tensor) \
-            else type(hidden).__name__
-        raise ValueError(f"hidden must be 2-D [N, D] or 3-D [B, T, D], got {got}")
-    for name, tensor in (("targets", targets), ("group_ids", group_ids)):
-        if tensor.device != hidden.device:
-            raise ValueError(f"hidden and {name} must be on the same device, got {hidden.device} and {tensor.device}")
-    lead = tuple(hidden.shape[:-1])
-    if tuple(targets.shape) != lead:
-        raise ValueError(f"targets must have shape hidden.shape[:-1] = {lead}, got {tuple(targets.shape)}")
-    rows = targets.numel()
-    if tuple(group_ids.shape) == lead:
-        seq_len, flat_ids = 1, group_ids.reshape(rows)
-    elif hidden.dim() == 3 and tuple(group_ids.shape) == lead[:1]:
-        seq_len, flat_ids = lead[1], group_ids
-        if rows == 0:
-            seq_len, flat_ids = 1, group_ids[:0]
-    else:
-        per_seq = f" or [B] = {lead[:1]} (one id per sequence)" if hidden.dim() == 3 else ""
-        raise ValueError(f"group_ids must have the targets' shape {lead} (one id per token){per_seq}, "
-                         f"got {tuple(group_ids.shape)}")
-    return hidden.reshape(rows, hidden.shape[-1]), targets.reshape(rows), flat_ids, seq_len
+    """[N, D] or [B, T, D] hidden -> ([N, D] hidden, [N] targets, group ids, seq_len), with the argument rules
+    (and messages) of group_cross_entropy's logits."""
+    return _flatten_group_loss_args(hidden, targets, group_ids, name="hidden", last_dim="D")
 
 
 def group_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

@@ -50,38 +50,39 @@ def _acc_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-def _flatten_group_loss_args(logits, targets, group_ids):
-    """[N, V] or [B, T, V] logits -> ([N, V] logits, [N] targets, group ids, seq_len).
+def _flatten_group_loss_args(logits, targets, group_ids, *, name="logits", last_dim="V"):
+    """[N, X] or [B, T, X] inputs -> ([N, X] inputs, [N] targets, group ids, seq_len).
 
-    group_ids per token keep the targets' shape; per-sequence ids [B] of 3-D logits stay [B] and the op maps
-    row i to sequence i // T (seq_len = T), so they are never expanded to [B * T].
+    Shared by group_cross_entropy (``logits``, X = V) and group_linear_cross_entropy (``hidden``, X = D);
+    ``name`` and ``last_dim`` only word the error messages. group_ids per token keep the targets' shape;
+    per-sequence ids [B] of 3-D inputs stay [B] and the op maps row i to sequence i // T (seq_len = T), so they
+    are never expanded to [B * T].
     """
-    if not isinstance(logits, torch.Tensor) or logits.dim() not in (2, 3):
-        got = f"{logits.dim()}-D tensor of shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) \
-            else type(logits).__name__
-        raise ValueError(f"logits must be 2-D [N, V] or 3-D [B, T, V], got {got}")
-    for name, tensor in (("targets", targets), ("group_ids", group_ids)):
-        if tensor.device != logits.device:
-            raise ValueError(f"logits and {name} must be on the same device, got {logits.device} and {tensor.device}")
-    lead = tuple(logits.shape[:-1])
+    x = logits
+    if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
+        got = f"{x.dim()}-D tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be 2-D [N, {last_dim}] or 3-D [B, T, {last_dim}], got {got}")
+    for arg, tensor in (("targets", targets), ("group_ids", group_ids)):
+        if tensor.device != x.device:
+            raise ValueError(f"{name} and {arg} must be on the same device, got {x.device} and {tensor.device}")
+    lead = tuple(x.shape[:-1])
     if tuple(targets.shape) != lead:
-        raise ValueError(f"targets must have shape logits.shape[:-1] = {lead}, got {tuple(targets.shape)}")
-    vocab = logits.shape[-1]
+        raise ValueError(f"targets must have shape {name}.shape[:-1] = {lead}, got {tuple(targets.shape)}")
     rows = targets.numel()
     if tuple(group_ids.shape) == lead:
         seq_len = 1
         flat_ids = group_ids.reshape(rows)
-    elif logits.dim() == 3 and tuple(group_ids.shape) == lead[:1]:
+    elif x.dim() == 3 and tuple(group_ids.shape) == lead[:1]:
         seq_len = lead[1]
         flat_ids = group_ids
         if rows == 0:
             # No rows: nothing to map, and seq_len = T may be 0.
             seq_len, flat_ids = 1, group_ids[:0]
     else:
-        per_seq = f" or [B] = {lead[:1]} (one id per sequence)" if logits.dim() == 3 else ""
+        per_seq = f" or [B] = {lead[:1]} (one id per sequence)" if x.dim() == 3 else ""
         raise ValueError(f"group_ids must have the targets' shape {lead} (one id per token){per_seq}, "
                          f"got {tuple(group_ids.shape)}")
-    return logits.reshape(rows, vocab), targets.reshape(rows), flat_ids, seq_len
+    return x.reshape(rows, x.shape[-1]), targets.reshape(rows), flat_ids, seq_len
 
 
 def _row_groups(group_ids: torch.Tensor, seq_len: int, rows: int) -> torch.Tensor:
