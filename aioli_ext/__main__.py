@@ -33,7 +33,8 @@ _HELP = {
     "lp_sweeps": "Aioli: LearnParams sweeps per round (k)", "lp_steps": "Aioli: steps per LearnParams sub-phase (s)",
     "one_hot": "Aioli: mass on the hot group in a sub-phase", "eta": "Aioli: exponentiated-gradient step size",
     "ema": "Aioli: EMA of the interaction matrix (default: cumulative EG)",
-    "diagonal": "Aioli: estimate only the diagonal of A", "prior": "Aioli: restricted-mode prior proportions",
+    "diagonal": "Aioli: estimate only the diagonal of A",
+    "objective": "Aioli: what the EG step lowers: the sum of group losses (loss) or of perplexities (perplexity)", "prior": "Aioli: restricted-mode prior proportions",
     "prior_steps": "Aioli: steps on the prior before the rounds", "proportions": "static: the fixed mixture",
     "skills_graph": "Skill-It: JSON m x m matrix (default: identity)",
     "reference_losses": "DoReMi: reference model's per-group validation losses",
@@ -74,6 +75,7 @@ def _json_parser(name):
 
 
 def add_config_flags(parser, skip=()):
+    from .mixing.lmo import OBJECTIVES
     from .train.config import METHODS, TrainConfig
     parser.add_argument("--config", help="JSON file of settings (keys = the flag names with underscores)")
     for f in dataclasses.fields(TrainConfig):
@@ -94,6 +96,8 @@ def add_config_flags(parser, skip=()):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif f.name == "sampler_mode":
             parser.add_argument(flag, choices=("iid", "systematic"), default=None, help=help_text)
+        elif f.name == "objective":
+            parser.add_argument(flag, choices=OBJECTIVES, default=None, help=help_text)
         else:
             parser.add_argument(flag, type=kind, default=None, help=help_text)
 

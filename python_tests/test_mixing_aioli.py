@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from aioli_ext.mixing import (Aioli, MixerProtocolError, eg_gradient, exponentiated_gradient_step,
-                              largest_remainder, normalize_interaction, smoothed_one_hot, unmix_smoothing)
+                              largest_remainder, normalize_interaction, objective_weights, smoothed_one_hot,
+                              unmix_smoothing)
 
 F = torch.float64
 
@@ -43,6 +44,7 @@ def feed_round(mixer, start_losses, measured):
     (dict(update_steps=100, rounds=3, total_steps=250), r"steps do not fit: .*rounds\*update_steps.* = 300 exceeds"),
     (dict(update_steps=100, prior=[1, 1, 1], prior_steps=50, total_steps=120), r"steps do not fit"),
     (dict(update_steps=0), r"update_steps must be >= 1"),
+    (dict(update_steps=100, objective="ppl"), r"objective must be one of \['loss', 'perplexity'\], got 'ppl'"),
     (dict(update_steps=100, lp_steps=0), r"lp_steps must be >= 1"),
 ])
 def test_bad_settings_fail_up_front(settings, message):
@@ -144,23 +146,31 @@ def test_measurements_average_over_sweeps():
     assert torch.allclose(mixer.interaction, torch.tensor([[0.5, 0.1], [0.2, 0.3]], dtype=F), rtol=0, atol=1e-13)
 
 
-def expected_rounds(measured_rounds, one_hot, eta, *, start, ema=None, diagonal=False, normalize=True):
+def expected_rounds(measured_rounds, one_hot, eta, *, start, ema=None, diagonal=False, normalize=True,
+                    closing_losses=None):
+    """``closing_losses`` (one [m] per round, the losses at the end of LearnParams) switch on the perplexity
+    objective: each row i of A is weighed by exp(L_i), scaled to mean 1."""
     p, smoothed, result = start.clone(), None, []
-    for measured in measured_rounds:
+    for index, measured in enumerate(measured_rounds):
         interaction = unmix_smoothing(measured, one_hot, diagonal=diagonal)
         used = normalize_interaction(interaction) if normalize else interaction
+        weights = torch.ones(len(start), dtype=F)
+        if closing_losses is not None:
+            perplexities = torch.exp(closing_losses[index])
+            weights = perplexities / perplexities.mean()
         if ema is None:
-            p = exponentiated_gradient_step(p, eg_gradient(used), eta)
+            p = exponentiated_gradient_step(p, weights @ used, eta)
         else:
             smoothed = used if smoothed is None else (1 - ema) * used + ema * smoothed
-            p = exponentiated_gradient_step(start, eg_gradient(smoothed), eta)
+            p = exponentiated_gradient_step(start, weights @ smoothed, eta)
         result.append(p)
     return result
 
 
 @pytest.mark.parametrize("variant", [dict(), dict(ema=0.3), dict(diagonal=True), dict(normalize_A=False),
                                      dict(prior=[0.6, 0.3, 0.1], prior_steps=7),
-                                     dict(prior=[0.6, 0.3, 0.1], prior_steps=7, ema=0.5)])
+                                     dict(prior=[0.6, 0.3, 0.1], prior_steps=7, ema=0.5),
+                                     dict(objective="perplexity"), dict(objective="perplexity", ema=0.4)])
 def test_rounds_follow_the_formulas(variant):
     generator = torch.Generator().manual_seed(5)
     measured_rounds = [torch.rand(3, 3, generator=generator, dtype=F) * 0.2 - 0.03 for _ in range(3)]
@@ -173,10 +183,14 @@ def test_rounds_follow_the_formulas(variant):
         start = torch.tensor([0.6, 0.3, 0.1], dtype=F)
     else:
         start = torch.full((3,), 1 / 3, dtype=F)
+    opening = torch.tensor([3.0, 2.0, 1.5], dtype=F)
+    # feed_round runs 2 sweeps of the 3 sub-phases: the round closes at L0 − 2·(row sums of B).
+    closing = [opening - 2 * measured.sum(dim=1) for measured in measured_rounds]
     expected = expected_rounds(measured_rounds, 0.7, 0.8, start=start, ema=variant.get("ema"),
-                               diagonal=variant.get("diagonal", False), normalize=variant.get("normalize_A", True))
+                               diagonal=variant.get("diagonal", False), normalize=variant.get("normalize_A", True),
+                               closing_losses=closing if variant.get("objective") == "perplexity" else None)
     for measured, p in zip(measured_rounds, expected):
-        mix_start = feed_round(mixer, [9.0, 8.0, 7.0], measured)
+        mix_start = feed_round(mixer, opening, measured)
         assert torch.allclose(mixer.proportions(mix_start), p, rtol=0, atol=1e-14)
         assert mixer.phase(mix_start).stop == mixer.next_eval_step == mix_start - 12 + 30
 
@@ -208,3 +222,42 @@ def test_group_counts_realise_each_sub_phase():
     # order) -> 3 + 3 + 7 and the two leftovers to the 0.75 remainders: 4, 4 and 7 on the hot group.
     assert torch.equal(counts.sum(0), largest_remainder(phase.proportions, 15))
     assert counts.sum(0)[phase.group] == 7
+
+
+# ---- objectives ------------------------------------------------------------------------------------------------
+
+def test_eg_gradient_weighs_the_rows_of_A():
+    interaction = torch.tensor([[0.5, -0.1, 0.0], [0.2, 0.3, 0.1], [0.0, 0.4, 0.6]], dtype=F)
+    weights = torch.tensor([2.0, 0.5, 1.0], dtype=F)
+    expected = torch.tensor([2.0 * 0.5 + 0.5 * 0.2, 2.0 * -0.1 + 0.5 * 0.3 + 0.4, 0.5 * 0.1 + 0.6], dtype=F)
+    assert torch.allclose(eg_gradient(interaction, weights), expected, rtol=0, atol=1e-15)
+    assert torch.equal(eg_gradient(interaction), interaction.sum(dim=0))
+    with pytest.raises(ValueError, match=r"weights must be non-negative"):
+        eg_gradient(interaction, [1.0, -1.0, 1.0])
+
+
+def test_perplexity_weights_follow_exp_of_the_losses():
+    losses = torch.tensor([1.0, 2.0, 2.8], dtype=F)
+    weights = objective_weights("perplexity", losses)
+    assert torch.allclose(weights, torch.exp(losses) * 3 / torch.exp(losses).sum(), rtol=1e-14, atol=0)
+    assert torch.allclose(weights.mean(), torch.tensor(1.0, dtype=F), rtol=1e-14, atol=0)
+    # Huge losses (a diverged group) stay finite: only ratios exp(L_i − L_j) matter.
+    huge = objective_weights("perplexity", [1000.0, 999.0])
+    assert torch.isfinite(huge).all() and math.isclose(float(huge[0] / huge[1]), math.e, rel_tol=1e-12)
+    assert torch.equal(objective_weights("loss", losses), torch.ones(3, dtype=F))
+    with pytest.raises(ValueError, match=r"objective must be one of \['loss', 'perplexity'\], got 'nats'"):
+        objective_weights("nats", losses)
+
+
+def test_perplexity_objective_keeps_more_of_a_high_loss_group():
+    # Group 1 (loss 2.8, e.g. noise) gains from its own steps and loses a little from group 0's; group 0 (loss 1.0)
+    # gains more from its own. Summed losses favour group 0; perplexities, which weigh group 1 by e^1.8 more,
+    # favour group 1.
+    measured = [[0.30, -0.05], [-0.02, 0.20]]
+    mixers = {name: Aioli(2, update_steps=10, lp_sweeps=1, lp_steps=1, one_hot=1.0, eta=1.0, objective=name)
+              for name in ("loss", "perplexity")}
+    proportions = {}
+    for name, mixer in mixers.items():
+        start = feed_round(mixer, [1.0 + 0.28, 2.8 + 0.18], measured)
+        proportions[name] = mixer.proportions(start)
+    assert proportions["loss"][0] > 0.5 > proportions["perplexity"][0]

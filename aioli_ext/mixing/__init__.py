@@ -15,8 +15,8 @@ from .base import Mixer, Phase
 from .baselines import DoReMi, RoundMixer, SkillIt, Static, Stratified, skills_graph_from_runs
 from .checks import MixerProtocolError
 from .evaluator import GroupEvaluator
-from .lmo import (eg_gradient, exponentiated_gradient_step, linear_dynamic_law, mix_with_uniform,
-                  normalize_interaction, smoothed_one_hot, smoothing_matrix, unmix_smoothing)
+from .lmo import (OBJECTIVES, eg_gradient, exponentiated_gradient_step, linear_dynamic_law, mix_with_uniform,
+                  normalize_interaction, objective_weights, smoothed_one_hot, smoothing_matrix, unmix_smoothing)
 from .log import MixingLog
 from .simulation import LinearLawEnvironment, piecewise_interaction, run_mixer
 from .static_law import StaticLaw, best_mixture, simplex_grid
@@ -36,8 +36,8 @@ def mixer_from_state_dict(state):
 
 __all__ = [
     "Aioli", "DoReMi", "GroupEvaluator", "LinearLawEnvironment", "MIXERS", "Mixer", "MixerProtocolError",
-    "MixingLog", "Phase", "RoundMixer", "SkillIt", "Static", "StaticLaw", "Stratified", "best_mixture",
+    "MixingLog", "OBJECTIVES", "Phase", "RoundMixer", "SkillIt", "Static", "StaticLaw", "Stratified", "best_mixture",
     "eg_gradient", "exponentiated_gradient_step", "largest_remainder", "linear_dynamic_law", "mix_with_uniform",
-    "mixer_from_state_dict", "normalize_interaction", "phase_group_counts", "piecewise_interaction", "run_mixer",
+    "mixer_from_state_dict", "normalize_interaction", "objective_weights", "phase_group_counts", "piecewise_interaction", "run_mixer",
     "simplex_grid", "skills_graph_from_runs", "smoothed_one_hot", "smoothing_matrix", "unmix_smoothing",
 ]

@@ -11,8 +11,8 @@ import torch
 
 from .base import Mixer, uniform
 from .checks import FLOAT, as_proportions, check_bool, check_float, check_int, check_optional_int
-from .lmo import (check_one_hot, eg_gradient, exponentiated_gradient_step, normalize_interaction,
-                  smoothed_one_hot, unmix_smoothing)
+from .lmo import (OBJECTIVES, check_one_hot, eg_gradient, exponentiated_gradient_step, normalize_interaction,
+                  objective_weights, smoothed_one_hot, unmix_smoothing)
 
 
 class Aioli(Mixer):
@@ -29,6 +29,10 @@ class Aioli(Mixer):
             first round) and p ∝ p_start·exp(η Σ_i E_ij) from the starting proportions.
         normalize_A: shift A to a zero minimum when negative and scale it to sum 1 before the EG step.
         diagonal: estimate only A_ii = B_ii / one_hot.
+        objective: what the EG step descends: ``"loss"`` = Σ_i L_i (the paper), or ``"perplexity"`` =
+            Σ_i exp(L_i), the average per-group perplexity, whose gradient weighs group i's row of A by its
+            current perplexity (groups with very different losses, e.g. a noise group next to code, then
+            trade off the way an average-perplexity evaluation does).
         prior: restricted mode: proportions [m] to train on for ``prior_steps`` steps; the rounds then start
             from them. None: start from uniform.
         prior_steps: steps on ``prior`` before the first round (needs ``prior`` when > 0).
@@ -48,7 +52,7 @@ class Aioli(Mixer):
     method = "aioli"
 
     def __init__(self, num_groups, *, update_steps, lp_sweeps=4, lp_steps=4, one_hot=0.625, eta=0.2, ema=None,
-                 normalize_A=True, diagonal=False, prior=None, prior_steps=0, rounds=None, total_steps=None,
+                 normalize_A=True, diagonal=False, objective="loss", prior=None, prior_steps=0, rounds=None, total_steps=None,
                  seed=0):
         super().__init__(num_groups, min_groups=2)
         m = self.num_groups
@@ -60,6 +64,8 @@ class Aioli(Mixer):
         ema = None if ema is None else check_float(ema, "ema", low=0.0, high=1.0, high_open=True)
         normalize_A = check_bool(normalize_A, "normalize_A")
         diagonal = check_bool(diagonal, "diagonal")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
         prior_steps = check_int(prior_steps, "prior_steps", minimum=0)
         rounds = check_optional_int(rounds, "rounds", minimum=1)
         total_steps = check_optional_int(total_steps, "total_steps", minimum=1)
@@ -88,12 +94,12 @@ class Aioli(Mixer):
                     f"= {prior_steps + rounds * update_steps} exceeds total_steps = {total_steps}")
         self.update_steps, self.lp_sweeps, self.lp_steps = update_steps, lp_sweeps, lp_steps
         self.one_hot, self.eta, self.ema = one_hot, eta, ema
-        self.normalize_A, self.diagonal = normalize_A, diagonal
+        self.normalize_A, self.diagonal, self.objective = normalize_A, diagonal, objective
         self.prior, self.prior_steps, self.rounds, self.total_steps = prior, prior_steps, rounds, total_steps
         self.seed = seed
         self._config.update(update_steps=update_steps, lp_sweeps=lp_sweeps, lp_steps=lp_steps, one_hot=one_hot,
-                            eta=eta, ema=ema, normalize_A=normalize_A, diagonal=diagonal, prior=prior,
-                            prior_steps=prior_steps, rounds=rounds, total_steps=total_steps, seed=seed)
+                            eta=eta, ema=ema, normalize_A=normalize_A, diagonal=diagonal, objective=objective,
+                            prior=prior, prior_steps=prior_steps, rounds=rounds, total_steps=total_steps, seed=seed)
 
         self._start = uniform(m) if prior is None else prior.clone()
         self._p = self._start.clone()
@@ -184,13 +190,14 @@ class Aioli(Mixer):
         interaction = unmix_smoothing(measured, self.one_hot, diagonal=self.diagonal)
         used = normalize_interaction(interaction) if self.normalize_A else interaction
         matrices = {"measured": measured, "interaction": interaction, "normalized": used}
+        weights = objective_weights(self.objective, self._last_losses)
         if self.ema is None:
-            self._p = exponentiated_gradient_step(self._p, eg_gradient(used), self.eta)
+            self._p = exponentiated_gradient_step(self._p, eg_gradient(used, weights), self.eta)
         else:
             self._ema_matrix = used.clone() if self._ema_matrix is None else \
                 (1.0 - self.ema) * used + self.ema * self._ema_matrix
             matrices["ema"] = self._ema_matrix
-            self._p = exponentiated_gradient_step(self._start, eg_gradient(self._ema_matrix), self.eta)
+            self._p = exponentiated_gradient_step(self._start, eg_gradient(self._ema_matrix, weights), self.eta)
         self._interaction = interaction
         self.log.record_estimate(self._round, step, proportions=self._p, **matrices)
         last_round = self.rounds is not None and self._round + 1 >= self.rounds

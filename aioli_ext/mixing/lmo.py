@@ -61,9 +61,39 @@ def linear_dynamic_law(losses, interaction, proportions):
     return losses - interaction @ proportions
 
 
-def eg_gradient(interaction):
-    """The EG gradient of the linear dynamic law: column sums Σ_i A[i, j] (float64 [m])."""
-    return _square(interaction, "interaction").sum(dim=0)
+def eg_gradient(interaction, weights=None):
+    """The EG gradient of the linear dynamic law: column sums Σ_i w_i·A[i, j] (float64 [m]).
+
+    ``weights`` [m] (default: all ones, the objective Σ_i L_i) weigh the groups' losses: for an objective
+    Σ_i f(L_i) they are f'(L_i) at the current losses (see :func:`objective_weights`).
+    """
+    interaction = _square(interaction, "interaction")
+    if weights is None:
+        return interaction.sum(dim=0)
+    weights = as_float_tensor(weights, "weights", (interaction.shape[0],))
+    if bool((weights < 0).any()):
+        raise ValueError(f"weights must be non-negative, got {weights.tolist()}")
+    return weights @ interaction
+
+
+OBJECTIVES = ("loss", "perplexity")
+
+
+def objective_weights(objective, losses):
+    """Per-group weights of the linearised objective at the current per-group ``losses`` [m].
+
+    ``"loss"``: Σ_i L_i, the objective of the paper (all weights 1). ``"perplexity"``: Σ_i exp(L_i), the
+    average per-group perplexity that evaluations report; its gradient weighs group i by exp(L_i), rescaled
+    here to mean 1 so that η keeps the scale it has for ``"loss"``. Returns float64 [m].
+    """
+    losses = torch.as_tensor(losses, dtype=FLOAT).flatten()
+    if objective == "loss":
+        return torch.ones_like(losses)
+    if objective == "perplexity":
+        # Subtracting the maximum keeps exp finite for any loss; the rescaling removes the shift.
+        scaled = torch.exp(losses - losses.max())
+        return scaled * (losses.numel() / scaled.sum())
+    raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
 
 
 def exponentiated_gradient_step(proportions, gradient, eta):

@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from ..mixing.lmo import OBJECTIVES
+
 METHODS = ("aioli", "stratified", "static", "skillit", "doremi")
 
 
@@ -51,6 +53,7 @@ class TrainConfig:
     eta: float = 0.3
     ema: Optional[float] = None
     diagonal: bool = False
+    objective: str = "loss"
     prior: Optional[List[float]] = None
     prior_steps: int = 0
     # static
@@ -145,6 +148,8 @@ def validate(cfg: TrainConfig, num_groups: Optional[int] = None):
     _number(cfg, "doremi_smoothing", low=0.0, high=1.0)
     if cfg.ema is not None:
         _number(cfg, "ema", low=0.0, high=1.0)
+    if cfg.objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {cfg.objective!r}")
     if cfg.sampler_mode not in ("iid", "systematic"):
         raise ValueError(f"sampler_mode must be 'iid' or 'systematic', got {cfg.sampler_mode!r}")
     if cfg.warmup >= cfg.steps:
