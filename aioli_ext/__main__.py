@@ -38,7 +38,9 @@ _HELP = {
     "skills_graph": "Skill-It: JSON m x m matrix (default: identity)",
     "reference_losses": "DoReMi: reference model's per-group validation losses",
     "reference_run": "DoReMi: a finished run (folder or result.json) whose final validation losses are the reference",
-    "sampler_mode": "MixtureSampler mode", "threads": "torch threads", "checkpoint_every": "steps between checkpoints",
+    "sampler_mode": "MixtureSampler mode",
+    "device": "cpu or cuda (under torchrun: gloo on the CPU, NCCL and cuda:LOCAL_RANK on GPUs)",
+    "threads": "torch threads per process", "checkpoint_every": "steps between checkpoints",
     "out": "output folder", "progress": "progress bar",
 }
 
