@@ -199,6 +199,8 @@ def main(argv=None):
             from .train.loop import train
             cfg = config_from_args(args)
             result = train(cfg, resume=args.resume, overwrite=args.overwrite, stop_at_step=args.stop_at_step)
+            if os.environ.get("RANK", "0") != "0":
+                return 0  # under torchrun, rank 0 reports for all
             if result is None:
                 print(f"stopped after {args.stop_at_step} steps; checkpoint in {cfg.out} (continue with --resume)")
             else:

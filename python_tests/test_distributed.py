@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from aioli_ext import distributed
-from aioli_ext.data import write_token_store
 from aioli_ext.mixing import GroupEvaluator
 from aioli_ext.sampler import MixtureSampler
 from aioli_ext.train import TrainConfig, train
@@ -28,6 +27,7 @@ from aioli_ext.train.compare import compare
 from aioli_ext.train.loop import RunError
 
 import distributed_worker as worker
+from test_train import corpus, tiny  # noqa: F401 (corpus is a fixture: the same tiny 3-group store)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH_TIMEOUT_S = 300
@@ -40,21 +40,11 @@ LOSS_RTOL = 1e-5
 PROPORTION_ATOL = 5e-6
 
 
-def _texts(kind, count, seed):
-    rng = np.random.default_rng(seed)
-    if kind == "words":
-        vocab = ["the", "model", "learns", "data", "mixing", "of", "groups", "\n"]
-        return [" ".join(rng.choice(vocab, size=80)) for _ in range(count)]
-    if kind == "hex":
-        return ["\n".join("".join(rng.choice(list("0123456789abcdef"), size=32)) for _ in range(6))
-                for _ in range(count)]
-    return ["".join(f"x{i} = {i * 7 % 13}\n" for i in range(j, j + 20)) for j in range(count)]
-
-
 def _settings(corpus):
-    return dict(corpus=corpus, context=16, d_model=16, layers=1, heads=2, batch=8, steps=24, warmup=2,
-                update_steps=12, lp_sweeps=1, lp_steps=2, eval_windows=4, eval_batch=8, eval_every=6,
-                test_windows=8, checkpoint_every=5, progress=False)
+    """test_train's tiny run (3 groups, Aioli, 24 steps, global batch 8) as TrainConfig fields."""
+    settings = tiny(corpus, "unused").to_dict()
+    del settings["out"]
+    return settings
 
 
 def _launch(spec_path, out_dir):
@@ -77,12 +67,8 @@ def _launch(spec_path, out_dir):
 
 
 @pytest.fixture(scope="module")
-def launched(tmp_path_factory):
+def launched(corpus, tmp_path_factory):
     base = tmp_path_factory.mktemp("distributed")
-    corpus = str(base / "store")
-    plan = {name: (_texts(kind, 60, seed), {"kind": "test"})
-            for seed, (name, kind) in enumerate([("prose", "words"), ("code", "code"), ("noise", "hex")])}
-    write_token_store(corpus, plan, None, 0.15, 0.15, "test-salt", 2048, False)
     cfg = TrainConfig(**_settings(corpus))
     folders = {name: str(base / name) for name in ("single", "two", "stop_two", "stop_one")}
     with worker.recorded_runs() as runs:
