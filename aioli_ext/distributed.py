@@ -86,7 +86,8 @@ def process_group_from_env(device_type: str = "cpu"):
     Nothing happens when a group already exists (the caller owns it) or when WORLD_SIZE is unset or 1 (a
     single process runs exactly as without torchrun). Otherwise the backend follows the device: NCCL for
     ``device_type="cuda"`` (and this process's GPU becomes cuda:LOCAL_RANK), gloo for the CPU. The group is
-    destroyed on exit if this block created it. Yields the torch.device this rank computes on.
+    destroyed on exit if this block created it. Yields the torch.device this rank computes on. A device or
+    an environment that cannot work (no GPU for "cuda", WORLD_SIZE without RANK) raises ValueError.
     """
     if device_type not in ("cpu", "cuda"):
         raise ValueError(f"device_type must be 'cpu' or 'cuda', got {device_type!r}")
@@ -95,15 +96,16 @@ def process_group_from_env(device_type: str = "cpu"):
     if device_type == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' was asked for but torch sees no GPU")
+            raise ValueError("device is 'cuda' but torch sees no GPU")
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK {local_rank} has no GPU: torch sees {torch.cuda.device_count()}")
+            raise ValueError(f"device is 'cuda' but LOCAL_RANK {local_rank} has no GPU: torch sees "
+                             f"{torch.cuda.device_count()}")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not is_initialized() and env_world_size() > 1:
         for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
             if name not in os.environ:
-                raise RuntimeError(f"WORLD_SIZE is {env_world_size()} but {name} is not set: start the processes "
+                raise ValueError(f"WORLD_SIZE is {env_world_size()} but {name} is not set: start the processes "
                                    f"with torchrun (python -m torch.distributed.run --nproc-per-node N ...)")
         backend = "nccl" if device_type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device_type == "cuda" else {}

@@ -138,7 +138,7 @@ def test_helpers_without_a_process_group(monkeypatch):
         assert device == torch.device("cpu") and not distributed.is_initialized()
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("RANK", raising=False)
-    with pytest.raises(RuntimeError, match=r"WORLD_SIZE is 2 but RANK is not set: start the processes with torchrun"):
+    with pytest.raises(ValueError, match=r"WORLD_SIZE is 2 but RANK is not set: start the processes with torchrun"):
         with distributed.process_group_from_env("cpu"):
             pass
     with pytest.raises(ValueError, match=r"device_type must be 'cpu' or 'cuda', got 'tpu'"):
@@ -149,6 +149,14 @@ def test_helpers_without_a_process_group(monkeypatch):
 def test_bad_device_setting_is_a_clear_error(tmp_path):
     with pytest.raises(RunError, match=r"device must be 'cpu' or 'cuda'.*got 'gpu'"):
         train(TrainConfig(corpus=str(tmp_path), out=str(tmp_path / "run"), device="gpu"))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cuda_device_without_a_gpu_is_a_clear_error(tmp_path, capsys):
+    from aioli_ext.__main__ import main as cli
+    assert cli(["train", "--corpus", str(tmp_path), "--out", str(tmp_path / "run"), "--device", "cuda"]) == 2
+    assert "error: device is 'cuda' but torch sees no GPU" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
