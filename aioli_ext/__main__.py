@@ -39,7 +39,9 @@ _HELP = {
     "skills_graph": "Skill-It: JSON m x m matrix (default: identity)",
     "reference_losses": "DoReMi: reference model's per-group validation losses",
     "reference_run": "DoReMi: a finished run (folder or result.json) whose final validation losses are the reference",
-    "sampler_mode": "MixtureSampler mode", "threads": "torch threads", "checkpoint_every": "steps between checkpoints",
+    "sampler_mode": "MixtureSampler mode",
+    "device": "cpu or cuda (under torchrun: gloo on the CPU, NCCL and cuda:LOCAL_RANK on GPUs)",
+    "threads": "torch threads per process", "checkpoint_every": "steps between checkpoints",
     "out": "output folder", "progress": "progress bar",
 }
 
@@ -201,6 +203,8 @@ def main(argv=None):
             from .train.loop import train
             cfg = config_from_args(args)
             result = train(cfg, resume=args.resume, overwrite=args.overwrite, stop_at_step=args.stop_at_step)
+            if os.environ.get("RANK", "0") != "0":
+                return 0  # under torchrun, rank 0 reports for all
             if result is None:
                 print(f"stopped after {args.stop_at_step} steps; checkpoint in {cfg.out} (continue with --resume)")
             else:

@@ -8,6 +8,7 @@ float64 across batches, and are all-reduced once per evaluation when torch.distr
 """
 import torch
 
+from ..distributed import all_reduce_sum, is_initialized
 from .checks import FLOAT, check_int
 
 
@@ -19,10 +20,6 @@ def _default_loss_fn():
 def _default_linear_loss_fn():
     import aioli_ext
     return aioli_ext.group_linear_cross_entropy
-
-
-def _distributed():
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 class GroupEvaluator:
@@ -115,7 +112,7 @@ class GroupEvaluator:
 
     def _rank_rows(self):
         rows = torch.arange(self.input_ids.shape[0])
-        if self.shard and _distributed():
+        if self.shard and is_initialized():
             rows = rows[torch.distributed.get_rank()::torch.distributed.get_world_size()]
         return rows
 
@@ -197,19 +194,14 @@ class GroupEvaluator:
 
     def _reduce(self, sums, counts):
         """Sum the statistics over ranks with one all-reduce of a float64 [2K] tensor (counts < 2^53 are exact)."""
-        if not _distributed():
+        if not is_initialized():
             return sums.to("cpu"), counts.to("cpu")
-        distributed = torch.distributed
-        if distributed.get_backend() == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
-        else:
-            device = torch.device("cpu")
-        packed = torch.zeros(2 * self.num_groups, dtype=FLOAT, device=device)
+        # A rank whose shard is empty (fewer sequences than ranks) still joins the collective, with zeros.
+        packed = torch.zeros(2 * self.num_groups, dtype=FLOAT)
         if sums is not None:
-            packed[:self.num_groups] = sums.to(device)
-            packed[self.num_groups:] = counts.to(device=device, dtype=FLOAT)
-        distributed.all_reduce(packed)
+            packed[:self.num_groups] = sums.to("cpu")
+            packed[self.num_groups:] = counts.to("cpu", FLOAT)
+        packed = all_reduce_sum(packed)
         if not self.shard:
-            packed /= distributed.get_world_size()
-        packed = packed.to("cpu")
+            packed /= torch.distributed.get_world_size()
         return packed[:self.num_groups].clone(), packed[self.num_groups:].round().to(torch.int64)

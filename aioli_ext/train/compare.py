@@ -15,6 +15,7 @@ import os
 import queue as queue_module
 import time
 
+from .. import distributed
 from .checkpoint import write_json_atomic, write_text_atomic
 from .config import TrainConfig, validate
 from .loop import RESULT, Run, RunError, train
@@ -48,6 +49,14 @@ def compare(base: TrainConfig, methods, seeds, *, jobs=2, out="runs/compare", re
         raise RunError(f"methods and seeds must not repeat, got {methods} and {seeds}")
     if not isinstance(jobs, int) or jobs < 1:
         raise RunError(f"jobs must be a positive integer, got {jobs!r}")
+    try:
+        launched = distributed.env_world_size()
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
+    if launched > 1 or distributed.is_initialized():
+        # The worker processes would each inherit the launcher's rank environment and join one process group.
+        raise RunError("compare runs its own worker processes and cannot run under torchrun or in a process "
+                       "group; launch `aioli-ext train` with torchrun for a data-parallel run")
     configs = []
     for method in methods:
         for seed in seeds:

@@ -69,6 +69,7 @@ class TrainConfig:
     doremi_smoothing: float = 1e-3
     # run control
     sampler_mode: str = "systematic"
+    device: str = "cpu"
     threads: int = 1
     checkpoint_every: int = 100
     out: str = "runs/train"
@@ -81,9 +82,10 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
     # Settings that change the numbers a run produces; run-control fields (output folder, progress bar,
-    # thread count, checkpoint frequency) do not, so a resume may change them.
+    # thread count, checkpoint frequency, device) do not (beyond float rounding), so a resume may change them.
+    # The number of processes is not a setting at all: batch is the global batch, whatever the world size.
     def numeric_settings(self):
-        skip = {"out", "progress", "threads", "checkpoint_every", "corpus"}
+        skip = {"out", "progress", "threads", "checkpoint_every", "corpus", "device"}
         return {k: v for k, v in self.to_dict().items() if k not in skip}
 
 
@@ -152,6 +154,9 @@ def validate(cfg: TrainConfig, num_groups: Optional[int] = None):
         raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {cfg.objective!r}")
     if cfg.sampler_mode not in ("iid", "systematic"):
         raise ValueError(f"sampler_mode must be 'iid' or 'systematic', got {cfg.sampler_mode!r}")
+    if cfg.device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda' (each process then uses cuda:LOCAL_RANK), got "
+                         f"{cfg.device!r}")
     if cfg.warmup >= cfg.steps:
         raise ValueError(f"warmup must be fewer than steps = {cfg.steps}, got {cfg.warmup}")
     if cfg.d_model % cfg.heads:

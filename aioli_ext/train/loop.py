@@ -4,6 +4,14 @@ Order inside every step (the mixer protocol of :mod:`aioli_ext.mixing.base`): ev
 validation curve) wants it, ask the mixer for the step's exact group counts, draw the batch, take one AdamW
 step. Checkpoints hold the model, the optimiser, the sampler, the mixer (its RNG and log included), the torch
 RNG and the run's history, so a resumed run continues bit for bit.
+
+Data parallel (``torchrun --nproc-per-node N -m aioli_ext train ...``): ``batch`` stays the global batch and
+each rank trains on its slice of it (the sampler's rank view of the one global stream). Gradients are averaged
+by DistributedDataParallel; the mixer's per-group validation statistics are all-reduced once per evaluation
+(2K numbers in one float64 tensor), and the step's train-loss sum and drawn group counts once per step (1 + K
+numbers), so every rank holds the same history and takes the same mixer decisions without any broadcast.
+Checkpoints hold no rank-specific state: rank 0 writes them, every rank reads them, and a run may resume with
+another number of processes.
 """
 import json
 import math
@@ -13,6 +21,7 @@ import time
 
 import torch
 
+from .. import distributed
 from ..data import TokenStore
 from ..losses import group_linear_cross_entropy
 from ..mixing import MIXERS, GroupEvaluator
@@ -80,12 +89,17 @@ def build_mixer(cfg: TrainConfig, num_groups: int):
 class Run:
     """Everything a run holds; built and checked before anything is written."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, device=None):
         try:
             validate(cfg)
             store = TokenStore.open(cfg.corpus, groups=cfg.groups)
         except (OSError, ValueError, KeyError) as exc:
             raise RunError(str(exc)) from None
+        self.world_size, self.rank = distributed.world_size(), distributed.rank()
+        if cfg.batch % self.world_size:
+            raise RunError(f"batch ({cfg.batch}) is the global batch and must be divisible by the number of "
+                           f"processes ({self.world_size})")
+        self.device = torch.device(cfg.device if device is None else device)
         self.cfg = cfg
         self.store = store
         self.groups = list(store.groups)
@@ -103,14 +117,24 @@ class Run:
         self.num_groups = k
         self.val_evaluator = self._evaluator(self.val_windows, cfg.eval_windows)
         self.model = GPT(GPTConfig(vocab_size=store.vocab_size, context_length=cfg.context, d_model=cfg.d_model,
-                                   n_layers=cfg.layers, n_heads=cfg.heads), seed=cfg.seed)
+                                   n_layers=cfg.layers, n_heads=cfg.heads), seed=cfg.seed).to(self.device)
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}],
                                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        # The sampler stays on the CPU whatever the device: its ids index memory-mapped token files, and CPU
+        # and CUDA draws are identical anyway. Its state is the global stream's; rank/world_size only pick the
+        # slice, so a checkpoint resumes under any number of processes.
         self.sampler = MixtureSampler(self.train_windows.num_examples.tolist(), seed=cfg.seed,
-                                      mode=cfg.sampler_mode)
+                                      mode=cfg.sampler_mode, rank=self.rank, world_size=self.world_size)
+        # Training steps go through DDP (gradients averaged over ranks, overlapped with backward); evaluations
+        # call the bare model, under no_grad, with the evaluator's own all-reduce. Every rank builds the same
+        # initial weights from the seed, and DDP's construction-time broadcast from rank 0 makes sure of it.
+        self.train_model = self.model
+        if self.world_size > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
         self.step = 0
         self.history = {"train_loss": [], "group_counts": [], "val_curve": [], "train_seconds": 0.0}
 
@@ -119,7 +143,8 @@ class Run:
         for ids in windows.evaluation_ids(per_group):
             tokens, _ = windows.gather(ids)
             sequences.append(tokens)
-        return GroupEvaluator.from_group_sequences(sequences, batch_size=self.cfg.eval_batch)
+        return GroupEvaluator.from_group_sequences(sequences, batch_size=self.cfg.eval_batch,
+                                                   device=None if self.device.type == "cpu" else self.device)
 
     def forward(self, inputs):
         return self.model(inputs), self.model.lm_head.weight
@@ -131,7 +156,7 @@ class Run:
                 "corpus_fingerprint": self.store.manifest.get("fingerprint"),
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "sampler": self.sampler.state_dict(), "mixer": self.mixer.state_dict(),
-                "torch_rng": torch.get_rng_state(), "history": self.history}
+                "torch_rng": torch.get_rng_state(), "history": self.history, "world_size": self.world_size}
 
     def load_state_dict(self, state, where):
         if state.get("format") != "aioli_ext-train-checkpoint":
@@ -165,7 +190,7 @@ def prepare_output(cfg: TrainConfig, resume: bool, overwrite: bool):
     if has_state and not (resume or overwrite):
         raise RunError(f"out: {cfg.out!r} already holds a run; pass --resume to continue it or --overwrite to "
                        f"start again")
-    if overwrite:
+    if overwrite and distributed.is_main():
         for name in (CHECKPOINT, RESULT):
             path = os.path.join(cfg.out, name)
             if os.path.isfile(path):
@@ -179,9 +204,26 @@ def train(cfg: TrainConfig, *, resume=False, overwrite=False, stop_at_step=None,
     progress: show a tqdm bar (default cfg.progress). callback(step, loss, proportions) is called every step
     (compare uses it to report progress from worker processes). stop_at_step: save a checkpoint after that many
     steps and return, as a kill would (for tests and time slicing).
+
+    Under torchrun (WORLD_SIZE > 1 in the environment) the process group is set up here (gloo for
+    ``cfg.device == "cpu"``, NCCL for "cuda") unless the caller already made one, and every rank must call
+    train with the same settings; every rank returns the same result, and only rank 0 writes files, shows the
+    bar and calls ``callback``.
     """
-    run = Run(cfg)
+    try:
+        validate(cfg)
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
+    with distributed.process_group_from_env(cfg.device) as device:
+        return _train(cfg, device, resume, overwrite, stop_at_step, progress, callback)
+
+
+def _train(cfg, device, resume, overwrite, stop_at_step, progress, callback):
+    run = Run(cfg, device)
+    main = distributed.is_main()
     checkpoint = prepare_output(cfg, resume, overwrite)
+    # Rank 0's removals (--overwrite) are done before any rank goes on.
+    distributed.barrier()
     if checkpoint is not None:
         try:
             state = load_checkpoint(checkpoint)
@@ -193,13 +235,13 @@ def train(cfg: TrainConfig, *, resume=False, overwrite=False, stop_at_step=None,
             return json.load(handle)
     os.makedirs(cfg.out, exist_ok=True)
     torch.set_num_threads(cfg.threads)
-    show = cfg.progress if progress is None else progress
+    show = (cfg.progress if progress is None else progress) and main
     bar = None
     if show:
         from tqdm.auto import tqdm
         bar = tqdm(total=cfg.steps, initial=run.step, desc=f"{cfg.method} s{cfg.seed}", dynamic_ncols=True)
     try:
-        _loop(run, stop_at_step, bar, callback)
+        _loop(run, stop_at_step, bar, callback if main else None)
     finally:
         if bar is not None:
             bar.close()
@@ -216,9 +258,28 @@ def _evaluate(run, step, pending):
     return pending[step]
 
 
+def _save(run):
+    """Rank 0 writes the checkpoint (every rank holds the same state); the others wait until it is there."""
+    if distributed.is_main():
+        save_checkpoint(run.state_dict(), os.path.join(run.cfg.out, CHECKPOINT))
+    distributed.barrier()
+
+
+def _step_statistics(run, per_token, group_ids):
+    """(global mean train loss, global drawn count per group) of the step that produced ``per_token``."""
+    if run.world_size == 1:
+        return float(per_token.detach().mean()), torch.bincount(group_ids, minlength=run.num_groups).tolist()
+    # One all-reduce of 1 + K numbers: the loss sum and the drawn groups of every rank's slice. Every slice has
+    # batch / world_size full-length windows, so the global token count is known without communication.
+    local = torch.cat([per_token.detach().sum().to("cpu", torch.float64).reshape(1),
+                       torch.bincount(group_ids.to("cpu"), minlength=run.num_groups).to(torch.float64)])
+    total = distributed.all_reduce_sum(local)
+    return float(total[0]) / per_token.numel() / run.world_size, total[1:].round().to(torch.int64).tolist()
+
+
 def _loop(run, stop_at_step, bar, callback):
     cfg, mixer, history = run.cfg, run.mixer, run.history
-    model, optimizer, sampler = run.model, run.optimizer, run.sampler
+    model, optimizer, sampler = run.train_model, run.optimizer, run.sampler
     model.train()
     cache = {}
     smoothed = None
@@ -235,21 +296,27 @@ def _loop(run, stop_at_step, bar, callback):
         # Exact counts as weights: the systematic allocation then realises them slot for slot.
         sample_ids, group_ids = sampler.sample(cfg.batch, counts.to(torch.float64))
         inputs, targets, _ = run.train_windows.batch(sample_ids)
+        if run.device.type != "cpu":
+            inputs, targets, group_ids = (t.to(run.device, non_blocking=True) for t in (inputs, targets, group_ids))
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         hidden = model(inputs)
-        per_token, _, _ = group_linear_cross_entropy(hidden, model.lm_head.weight, targets, group_ids,
+        per_token, _, _ = group_linear_cross_entropy(hidden, run.model.lm_head.weight, targets, group_ids,
                                                      run.num_groups)
+        # The objective is the token mean over the global batch. Each rank's slice holds the same number of
+        # tokens (batch / world_size full windows), so its own mean is world_size times its share of that
+        # objective, and DDP's average over ranks gives exactly the gradient of the global mean.
         loss = per_token.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            # The gradients are already averaged, so this is the norm of the global batch's gradient.
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
         optimizer.step()
         history["train_seconds"] += time.perf_counter() - tick
-        value = float(loss.detach())
+        value, drawn = _step_statistics(run, per_token, group_ids)
         history["train_loss"].append(value)
-        history["group_counts"].append(torch.bincount(group_ids, minlength=run.num_groups).tolist())
+        history["group_counts"].append(drawn)
         run.step = step + 1
         smoothed = value if smoothed is None else 0.95 * smoothed + 0.05 * value
         if bar is not None:
@@ -260,9 +327,9 @@ def _loop(run, stop_at_step, bar, callback):
         if callback is not None:
             callback(run.step, value, counts.tolist())
         if run.step % cfg.checkpoint_every == 0 and run.step < cfg.steps:
-            save_checkpoint(run.state_dict(), os.path.join(cfg.out, CHECKPOINT))
+            _save(run)
     if run.step < cfg.steps:
-        save_checkpoint(run.state_dict(), os.path.join(cfg.out, CHECKPOINT))
+        _save(run)
 
 
 def _finish(run):
@@ -291,15 +358,18 @@ def _finish(run):
         "torch": torch.__version__, "machine": platform.machine(),
         "corpus_fingerprint": run.store.manifest.get("fingerprint"),
     }
-    write_json_atomic(result, os.path.join(cfg.out, RESULT))
-    try:
-        from .plots import plot_run
-        plot_run(result, os.path.join(cfg.out, "run.png"))
-    except ImportError:
-        pass
-    checkpoint = os.path.join(cfg.out, CHECKPOINT)
-    if os.path.isfile(checkpoint):
-        os.remove(checkpoint)
+    if distributed.is_main():
+        write_json_atomic(result, os.path.join(cfg.out, RESULT))
+        try:
+            from .plots import plot_run
+            plot_run(result, os.path.join(cfg.out, "run.png"))
+        except ImportError:
+            pass
+        checkpoint = os.path.join(cfg.out, CHECKPOINT)
+        if os.path.isfile(checkpoint):
+            os.remove(checkpoint)
+    # When train returns on any rank, the result is on disk.
+    distributed.barrier()
     return result
 
 
