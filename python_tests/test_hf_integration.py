@@ -15,7 +15,7 @@ import torch
 from aioli_ext.mixing import Aioli, GroupEvaluator, Static, Stratified
 
 HAVE_HF = all(importlib.util.find_spec(name) is not None for name in ("transformers", "accelerate"))
-pytestmark = pytest.mark.skipif(not HAVE_HF, reason="transformers and accelerate are not installed (the hf extra)")
+needs_hf = pytest.mark.skipif(not HAVE_HF, reason="transformers and accelerate are not installed (the hf extra)")
 
 if HAVE_HF:
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
@@ -121,6 +121,7 @@ def aioli_run(tmp_path_factory):
     return _run("aioli", tmp_path_factory.mktemp("aioli"))
 
 
+@needs_hf
 @pytest.mark.parametrize("method", ["aioli", "stratified"])
 def test_batches_follow_the_mixer_and_evaluations_come_when_wanted(method, aioli_run, tmp_path):
     run = aioli_run if method == "aioli" else _run(method, tmp_path)
@@ -144,6 +145,7 @@ def test_batches_follow_the_mixer_and_evaluations_come_when_wanted(method, aioli
         assert set(map(tuple, expected.tolist())) <= {(3, 3, 2), (3, 2, 3), (2, 3, 3)}
 
 
+@needs_hf
 def test_proportions_are_logged_with_the_training_loss(aioli_run):
     table = aioli_run.mixer.log.proportions_per_step(STEPS)
     logged = [entry for entry in aioli_run.trainer.state.log_history if "loss" in entry]
@@ -156,6 +158,7 @@ def test_proportions_are_logged_with_the_training_loss(aioli_run):
         assert [entry[f"mixing/val_loss_{name}"] for name in ("cycle", "markov", "noise")] == last_eval["losses"]
 
 
+@needs_hf
 def test_resume_from_a_checkpoint_continues_the_same_stream(aioli_run, tmp_path):
     checkpoint = os.path.join(aioli_run.trainer.args.output_dir, f"checkpoint-{SAVE_AT}")
     assert os.path.isfile(os.path.join(checkpoint, MIXING_STATE_FILE))
@@ -169,6 +172,7 @@ def test_resume_from_a_checkpoint_continues_the_same_stream(aioli_run, tmp_path)
         aioli_run.mixing.sampler.state_dict()["cursor"].tolist()
 
 
+@needs_hf
 def test_rank_slices_are_disjoint_parts_of_the_single_process_batch():
     def bound(rank, world_size):
         args = types.SimpleNamespace(max_steps=4, auto_find_batch_size=False, gradient_accumulation_steps=2,
@@ -191,6 +195,7 @@ def test_rank_slices_are_disjoint_parts_of_the_single_process_batch():
         assert sorted(flat) == sorted(i for micro in whole for i in micro)
 
 
+@needs_hf
 def test_callback_refuses_a_plain_trainer_and_bad_settings(tmp_path):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=CONTEXT, n_embd=32, n_layer=1, n_head=2,
@@ -221,10 +226,22 @@ def test_callback_refuses_a_plain_trainer_and_bad_settings(tmp_path):
         trainer.train()
     with pytest.raises(FileNotFoundError, match=f"has no {MIXING_STATE_FILE}"):
         trainer.train(resume_from_checkpoint=str(tmp_path))
+    wider = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                              use_cpu=True, disable_tqdm=True)
+    other = MixingCallback(Stratified(3), lambda m: None, group_sizes=[8, 8, 8])
+    MixingTrainer(model=model, args=wider, train_dataset=dataset, callbacks=[other])
+    with pytest.raises(ValueError, match="saved with a global batch of 2 samples per step, this run has 4"):
+        other.load_state_dict(used.state_dict())
 
 
 def test_importing_the_package_does_not_import_transformers():
     code = ("import sys, aioli_ext, aioli_ext.integrations; "
-            "assert 'transformers' not in sys.modules, 'transformers was imported'")
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+            "assert 'transformers' not in sys.modules, 'transformers was imported'; "
+            "sys.modules['transformers'] = None\n"
+            "try:\n"
+            "    aioli_ext.integrations.MixingTrainer\n"
+            "except ImportError as exc:\n"
+            "    print(exc)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True)
+    assert "needs transformers (and accelerate): pip install 'aioli_ext[hf]'" in done.stdout
 
