@@ -159,6 +159,8 @@ setup(
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
     python_requires=">=3.9",
     install_requires=["torch>=2.6", "numpy"],
-    extras_require={"train": ["tqdm", "matplotlib"], "test": ["pytest", "pytest-benchmark", "scipy"]},
+    extras_require={"train": ["tqdm", "matplotlib"], "test": ["pytest", "pytest-benchmark", "scipy"],
+                    # aioli_ext.integrations.huggingface (MixingTrainer); the Trainer itself needs accelerate.
+                    "hf": ["transformers>=4.50", "accelerate>=1.1"]},
     entry_points={"console_scripts": ["aioli-ext=aioli_ext.__main__:main"]},
 )
