@@ -9,6 +9,8 @@ import torch
 import torch.utils._python_dispatch
 
 from . import _extension  # noqa: F401  (loads the compiled library and registers the schemas)
+from . import gradient_prediction
+from .gradient_prediction import GradientScalePredictionInfo, gradient_scale_prediction  # noqa: F401  (API)
 
 _ops = torch.ops.aioli_ext
 
@@ -85,6 +87,16 @@ def _flatten_group_loss_args(logits, targets, group_ids, *, name="logits", last_
     return x.reshape(rows, x.shape[-1]), targets.reshape(rows), flat_ids, seq_len
 
 
+def _counts_before_kernel(flat_targets, flat_ids, seq_len, num_groups, ignore_index) -> torch.Tensor:
+    """Non-ignored tokens per group, int64 [K], from the targets only (no logits pass). Ids are clamped so that
+    bad ones cannot break the sum; the op itself then rejects them with its message."""
+    valid = (flat_targets != ignore_index).long()
+    if seq_len > 1:
+        valid = valid.view(-1, seq_len).sum(1)
+    safe_ids = flat_ids.long().clamp(0, num_groups - 1)
+    return torch.zeros(num_groups, dtype=torch.int64, device=flat_targets.device).index_add_(0, safe_ids, valid)
+
+
 def _row_groups(group_ids: torch.Tensor, seq_len: int, rows: int) -> torch.Tensor:
     """Group of every row as int64 [N] (expands per-sequence ids; only used on the small backward path)."""
     ids = group_ids.long()
@@ -109,20 +121,25 @@ def group_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, group_ids: 
         Empty groups get 0 and 0. Statistics accumulate in fp32 (group sums in fp64) whatever the logits' dtype.
 
     Differentiable with respect to ``logits`` through ``loss`` and ``group_sums``. When ``logits`` requires grad
-    the gradient rows ``softmax - onehot`` are computed during this forward pass, in the same read of each
-    logits row (op ``group_cross_entropy_with_grad``); backward only scales each row by its upstream
-    coefficient ``dL/dloss[i] + dL/dgroup_sums[g(i)]``, in place in the saved buffer when the graph is not
-    retained, and not at all when every coefficient is 1. Not twice differentiable. For a known weighted
-    objective, :func:`group_cross_entropy_fused` also skips that scaling pass and the gradient allocation.
+    the gradient rows are computed during this forward pass, in the same read of each logits row (op
+    ``group_cross_entropy_with_grad``), already scaled by a prediction of the upstream coefficient
+    ``dL/dloss[i] + dL/dgroup_sums[g(i)]`` (on the CPU: 1 / non-ignored tokens at first, the token mean; then
+    the pattern the last differing backward showed, see :func:`gradient_scale_prediction`). Backward compares
+    the real coefficients with the prediction: when they are equal, as for a token mean (``group_sums.sum() /
+    token_counts.sum()``, ``loss.sum() / token_counts.sum()``), it hands the buffer on untouched; otherwise it
+    rescales each row by real / predicted (one pass over [N, V]), so every upstream gradient is exact. On the CPU
+    the [N, V] gradient comes from a cache of buffers nobody references any more (see
+    :func:`gradient_buffer_cache`), which saves the page faults of fresh memory. Not twice differentiable. For
+    a known weighted objective, :func:`group_cross_entropy_fused` writes into a buffer you pass.
     """
     flat_logits, flat_targets, flat_ids, seq_len = _flatten_group_loss_args(logits, targets, group_ids)
     if torch.is_grad_enabled() and logits.requires_grad:
-        unit_scale = torch.ones(num_groups, dtype=_acc_dtype(logits), device=logits.device)
+        group_scale = _predicted_group_scale(flat_logits, flat_targets, flat_ids, seq_len, num_groups, ignore_index)
         loss, group_sums, token_counts, _ = _ops.group_cross_entropy_with_grad(
-            flat_logits, flat_targets, flat_ids, num_groups, ignore_index, seq_len, unit_scale)
+            flat_logits, flat_targets, flat_ids, num_groups, ignore_index, seq_len, group_scale)
         if not torch.compiler.is_compiling() and loss.grad_fn is not None:
             # The op's grad_logits output was dropped just above, so backward may scale the saved buffer in
-            # place (the node object is the autograd ctx).
+            # place or hand it on (the node object is the autograd ctx).
             loss.grad_fn.saved_gradient_is_private = True
     else:
         loss, group_sums, token_counts = _ops.group_cross_entropy(
@@ -187,13 +204,7 @@ def group_cross_entropy_fused(logits: torch.Tensor, targets: torch.Tensor, group
         if weights.shape != (num_groups,):
             raise ValueError(f"group_weights must be 1-D [num_groups] = [{num_groups}], got {tuple(weights.shape)}")
 
-    # Counts before the kernel, from the targets only. Ids are clamped so that bad ones cannot break the
-    # bincount; the op itself then rejects them with its message.
-    valid = (flat_targets != ignore_index).long()
-    if seq_len > 1:
-        valid = valid.view(-1, seq_len).sum(1)
-    safe_ids = flat_ids.long().clamp(0, num_groups - 1)
-    counts = torch.zeros(num_groups, dtype=torch.int64, device=device).index_add_(0, safe_ids, valid)
+    counts = _counts_before_kernel(flat_targets, flat_ids, seq_len, num_groups, ignore_index)
     if normalize == "tokens":
         group_scale = weights / counts.sum().clamp_min(1).to(acc)
     elif normalize == "groups":
@@ -211,6 +222,63 @@ def group_cross_entropy_fused(logits: torch.Tensor, targets: torch.Tensor, group
             grad.view(flat_logits.shape))
     objective = (group_scale.double() * group_sums.double()).sum().to(acc)
     return GroupCrossEntropyResult(loss.view(targets.shape), group_sums, token_counts, objective, grad)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plain loss.backward() at the fused kernel's speed: reused gradient buffers and a predicted upstream coefficient
+# ---------------------------------------------------------------------------------------------------------------
+
+class GradientBufferCacheInfo(NamedTuple):
+    """State of the CPU gradient buffer cache (:func:`gradient_buffer_cache`). Sizes in bytes.
+
+    max_bytes: the limit on cached_bytes (0: disabled). cached_bytes / buffers: what the cache references,
+    in use or not. idle_bytes: the part no tensor references (memory held only for reuse).
+    reuses / allocations: buffers of >= 4 MiB handed out again / newly allocated since the process started.
+    """
+
+    max_bytes: int
+    cached_bytes: int
+    idle_bytes: int
+    buffers: int
+    reuses: int
+    allocations: int
+
+
+def gradient_buffer_cache(max_bytes: Optional[int] = None, *, clear: bool = False) -> GradientBufferCacheInfo:
+    """Configure and inspect the cache of CPU gradient buffers that :func:`group_cross_entropy` (logits that
+    require grad) and :func:`group_cross_entropy_fused` (no ``grad_out``) allocate.
+
+    A fresh [N, V] gradient costs more in page faults than the kernel's own writes, so each buffer of >= 4 MiB
+    is remembered and handed out again by a later call for the same byte size -- but only once nothing else
+    references it: no tensor (``logits.grad``, a saved tensor, a view, a numpy array, a DLPack capsule), no
+    ``torch.UntypedStorage`` and no weak reference. A gradient you keep is never overwritten; what is reused is
+    exactly memory the allocator would otherwise have freed. In a training loop that drops the gradient each
+    step (``zero_grad(set_to_none=True)``, or logits that are not leaves) every step after the first reuses the
+    previous step's buffer. The cache holds at most ``max_bytes`` (least recently used buffers are let go
+    first); default 4 GiB, or the environment variable AIOLI_EXT_GRADIENT_CACHE_BYTES read at first use.
+    CUDA tensors use torch's caching allocator and never go through this cache.
+
+    Args:
+        max_bytes: new limit, >= 0; 0 disables the cache and frees its idle buffers. None keeps the limit.
+        clear: let go of every cached buffer (idle ones are freed now, ones in use when their users drop them).
+
+    Returns:
+        :class:`GradientBufferCacheInfo` after the change.
+    """
+    if max_bytes is not None and max_bytes < 0:
+        raise ValueError(f"max_bytes must be >= 0 (0 disables the gradient buffer cache), got {max_bytes}")
+    return GradientBufferCacheInfo(*_ops.gradient_buffer_cache(max_bytes, clear))
+
+
+def _predicted_group_scale(flat_logits, flat_targets, flat_ids, seq_len, num_groups, ignore_index):
+    """group_scale [K] for the forward pass: the predicted upstream coefficient of each group, or ones."""
+    acc = _acc_dtype(flat_logits)
+    scale = None
+    if num_groups >= 1 and flat_logits.device.type == "cpu" and not _traced(flat_targets):
+        scale = gradient_prediction.predicted_group_scale(
+            num_groups, acc, flat_logits.dtype, flat_targets.shape[0],
+            lambda: _counts_before_kernel(flat_targets, flat_ids, seq_len, num_groups, ignore_index))
+    return torch.ones(max(num_groups, 0), dtype=acc, device=flat_logits.device) if scale is None else scale
 
 
 @torch.library.register_fake("aioli_ext::group_cross_entropy")
@@ -239,14 +307,19 @@ def _scale_rows_fake(x, row_scale):
     return None
 
 
-def _row_coefficients(grad_loss, grad_group_sums, targets, group_ids, seq_len, ignore_index, dtype):
-    """dL/dloss[i] + dL/dgroup_sums[g(i)] per row ([N]), 0 on ignored rows (their loss is constant 0)."""
+def _row_coefficients(grad_loss, grad_group_sums, targets, group_ids, seq_len, ignore_index, dtype, *,
+                      row_groups=None):
+    """dL/dloss[i] + dL/dgroup_sums[g(i)] per row ([N]), 0 on ignored rows (their loss is constant 0).
+    row_groups: the int64 [N] group of every row when the caller has it already."""
     rows = targets.shape[0]
     coef = torch.zeros(rows, dtype=dtype, device=targets.device)
     if grad_loss is not None:
         coef = coef + grad_loss.to(dtype)
     if grad_group_sums is not None:
-        coef = coef + grad_group_sums.to(dtype)[_row_groups(group_ids, seq_len, rows)]
+        if row_groups is None:
+            row_groups = _row_groups(group_ids, seq_len, rows)
+        # index_select, not advanced indexing: the latter costs milliseconds for a few thousand rows on the CPU.
+        coef = coef + grad_group_sums.to(dtype).index_select(0, row_groups)
     return torch.where(targets != ignore_index, coef, torch.zeros_like(coef))
 
 
@@ -292,22 +365,28 @@ def _with_grad_setup_context(ctx, inputs, output):
 def _with_grad_backward(ctx, grad_loss, grad_group_sums, _grad_counts, _grad_grad_logits):
     saved_grad, targets, group_ids, group_scale = ctx.saved_tensors
     _check_not_double_backward(saved_grad)
-    rows = targets.shape[0]
+    row_groups = _row_groups(group_ids, ctx.seq_len, targets.shape[0])
     coef = _row_coefficients(grad_loss, grad_group_sums, targets, group_ids, ctx.seq_len, ctx.ignore_index,
-                             group_scale.dtype)
-    # The saved rows are group_scale[g] * (softmax - onehot); the wrapper passes ones, which divide exactly.
-    coef = coef / group_scale[_row_groups(group_ids, ctx.seq_len, rows)]
-    coef = coef.unsqueeze(1)
-    if getattr(ctx, "saved_gradient_is_private", False) and _can_consume_saved_gradient(saved_grad):
-        if saved_grad.device.type == "cpu" and bool((coef == 1).all()):
-            return saved_grad, None, None, None, None, None, None
+                             group_scale.dtype, row_groups=row_groups)
+    # The saved rows are group_scale[g] * (softmax - onehot): group_scale is the wrapper's prediction of coef.
+    predicted = group_scale.index_select(0, row_groups)
+    private = getattr(ctx, "saved_gradient_is_private", False) and _can_consume_saved_gradient(saved_grad)
+    if saved_grad.device.type == "cpu" and not _traced(saved_grad):
+        counted = targets != ctx.ignore_index
+        if torch.equal(coef, torch.where(counted, predicted, torch.zeros_like(predicted))):
+            gradient_prediction.record_hit()
+            return (saved_grad if private else saved_grad.clone()), None, None, None, None, None, None
+        gradient_prediction.record_miss(coef, counted, row_groups, group_scale.shape[0])
+    ratio = coef / predicted
+    if private:
         # Scaling the saved buffer in place saves a fresh [N, V] allocation (page faults cost more than the
-        # multiply); safe because autograd frees the saved tensors right after this call.
+        # multiply); safe because autograd frees the saved tensors right after this call. torch's CPU multiply
+        # of a bf16 tensor by an fp32 column is ~10x slower than memory speed, hence the op.
         if saved_grad.device.type == "cpu":
-            _ops.scale_rows_(saved_grad, coef.squeeze(1).contiguous())
+            _ops.scale_rows_(saved_grad, ratio.contiguous())
             return saved_grad, None, None, None, None, None, None
-        return saved_grad.mul_(coef), None, None, None, None, None, None
-    return (saved_grad * coef).to(saved_grad.dtype), None, None, None, None, None, None
+        return saved_grad.mul_(ratio.unsqueeze(1)), None, None, None, None, None, None
+    return (saved_grad * ratio.unsqueeze(1)).to(saved_grad.dtype), None, None, None, None, None, None
 
 
 torch.library.register_autograd("aioli_ext::group_cross_entropy_with_grad", _with_grad_backward,

@@ -13,8 +13,14 @@ Providers, all timed in the same process (so ratios compare like with like):
                  competitor: it is the time no one-pass kernel can beat)
   forward + backward of the token-mean objective sum_g S_g / sum_g n_g
     eager, compile   autograd through the functions above (fresh .grad every step)
-    aioli            aioli_ext.group_cross_entropy + plain objective.backward() (fresh gradient every step)
-    fused-fresh      aioli_ext.group_cross_entropy_fused, new gradient buffer every step
+    aioli            aioli_ext.group_cross_entropy + plain objective.backward() (.grad set to None every step, as
+                     zero_grad does; the gradient buffer comes back from aioli_ext's cache, and backward finds
+                     the token mean predicted, so it makes no pass over the gradient)
+    aioli-no-cache   ... with the gradient buffer cache off (fresh pages every step)
+    aioli-no-predict ... with the coefficient prediction off (backward scales the gradient rows)
+    aioli-neither    ... with both off (the behaviour before either existed)
+    fused-fresh      aioli_ext.group_cross_entropy_fused without grad_out (the op allocates the gradient; from
+                     the cache once the previous step's result is dropped)
     fused-reuse      ... grad_out= a buffer reused across steps (the fair fast path)
     fused-inplace    ... inplace=True (gradient written over the logits; later steps run on the previous
                      step's output, which is the same work)
@@ -24,6 +30,7 @@ Run:
   python -m pytest bench/bench_group_cross_entropy.py -q            # pytest-benchmark (AIOLI_BENCH_QUICK=1: fewer rounds)
 """
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -56,7 +63,8 @@ CASES = [
     (16384, 128256, "bfloat16", False),
 ]
 FORWARD_PROVIDERS = ["read-floor", "eager", "compile", "aioli"]
-TRAIN_PROVIDERS = ["eager", "compile", "aioli", "fused-fresh", "fused-reuse", "fused-inplace"]
+TRAIN_PROVIDERS = ["eager", "compile", "aioli", "aioli-no-cache", "aioli-no-predict", "aioli-neither", "fused-fresh",
+                   "fused-reuse", "fused-inplace"]
 
 
 def is_large(rows):
@@ -105,6 +113,21 @@ def _compiled_fn(name):
     return _compiled[name]
 
 
+@contextlib.contextmanager
+def _gradient_features(cache, predict):
+    """Switch aioli_ext's gradient buffer cache and coefficient prediction for one step, then restore them."""
+    limit = aioli_ext.gradient_buffer_cache().max_bytes
+    was_predicting = aioli_ext.gradient_scale_prediction().enabled
+    if not cache:
+        aioli_ext.gradient_buffer_cache(0)
+    aioli_ext.gradient_scale_prediction(predict)
+    try:
+        yield
+    finally:
+        aioli_ext.gradient_buffer_cache(limit)
+        aioli_ext.gradient_scale_prediction(was_predicting)
+
+
 def make_step(provider, train, logits, targets, group_ids):
     """A no-argument callable running one step of `provider`, plus the tensors it keeps alive."""
     if not train:
@@ -119,7 +142,7 @@ def make_step(provider, train, logits, targets, group_ids):
             return lambda: aioli_ext.group_cross_entropy(logits, targets, group_ids, NUM_GROUPS)
         raise ValueError(provider)
 
-    if provider in ("eager", "compile", "aioli"):
+    if provider in ("eager", "compile") or provider.startswith("aioli"):
         leaf = logits.detach().requires_grad_()
 
         def step():
@@ -128,10 +151,13 @@ def make_step(provider, train, logits, targets, group_ids):
                 return _eager_train(leaf, targets, group_ids)
             if provider == "compile":
                 objective = _compiled_fn("train")(leaf, targets, group_ids)
-            else:
+                objective.backward()
+                return objective
+            with _gradient_features(cache=provider in ("aioli", "aioli-no-predict"),
+                                    predict=provider in ("aioli", "aioli-no-cache")):
                 _, group_sums, token_counts = aioli_ext.group_cross_entropy(leaf, targets, group_ids, NUM_GROUPS)
                 objective = _token_mean(group_sums, token_counts)
-            objective.backward()
+                objective.backward()
             return objective
         return step
     if provider == "fused-fresh":
@@ -265,7 +291,7 @@ def main(argv=None):
             eager_ms = next(r["median_ms"] for r in group if r["provider"] == "eager")
             for row in group:
                 row["speedup_vs_eager"] = eager_ms / row["median_ms"]
-                print(f"{row['shape']:>16} {dtype_name:>8} {row['step']:>7} {row['provider']:>13}: "
+                print(f"{row['shape']:>16} {dtype_name:>8} {row['step']:>7} {row['provider']:>16}: "
                       f"{row['median_ms']:8.1f} ms (min {row['min_ms']:.1f})  {row['gb_per_s']:5.1f} GB/s  "
                       f"{row['speedup_vs_eager']:.2f}x vs eager", flush=True)
             results.extend(group)

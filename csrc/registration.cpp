@@ -28,6 +28,12 @@ TORCH_LIBRARY(aioli_ext, m) {
   // multiply of a bf16 tensor by an fp32 column is ~10x slower than memory speed); other devices use mul_.
   m.def("scale_rows_(Tensor(a!) x, Tensor row_scale) -> ()");
 
+  // ---- CPU gradient buffer cache (csrc/cpu/gradient_buffer_cache.cpp) ----
+  // Large CPU gradients of group_cross_entropy_with_grad are reused across calls once nothing else references
+  // them. max_bytes (when given) sets the cache's limit (0 disables it and frees its idle buffers); clear drops
+  // every cached buffer. Returns [max_bytes, cached_bytes, idle_bytes, buffers, reuses, allocations].
+  m.def("gradient_buffer_cache(int? max_bytes=None, bool clear=False) -> int[]");
+
   // ---- CPU kernel selection (csrc/cpu/cpu_capability.cpp) ----
   // Returns the capability the CPU kernels dispatch to ("default", "avx2", "avx512"). None only asks; a
   // non-empty `force` pins one for this process (tests use it to exercise each path); "" resets to the

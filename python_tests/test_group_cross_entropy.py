@@ -1,4 +1,6 @@
 """aioli_ext.group_cross_entropy / group_cross_entropy_fused and their ops against the pure-torch reference."""
+import os
+
 import pytest
 import torch
 
@@ -410,6 +412,247 @@ def test_torch_compile_fullgraph(device):
     assert_close(x_compiled.grad, x_eager.grad, 1e-6)
     with torch.no_grad():
         assert_close(compiled(logits, targets, group_ids)[0], eager[0], 1e-6)
+
+
+# ------------------------------------------------------- plain loss.backward(): reused buffers, predicted scale
+
+# 64 x 32768 fp32 = 8 MiB, above the 4 MiB from which CPU gradient buffers are cached.
+CACHED_SHAPE = (64, 32768)
+
+
+@pytest.fixture
+def clean_gradient_state():
+    """An empty buffer cache with its default limit and a prediction that knows nothing, before and after."""
+    limit = aioli_ext.gradient_buffer_cache(clear=True).max_bytes
+    aioli_ext.gradient_scale_prediction(True, reset=True)
+    yield
+    aioli_ext.gradient_buffer_cache(limit, clear=True)
+    aioli_ext.gradient_scale_prediction(True, reset=True)
+
+
+def cached_inputs(seed):
+    return make_inputs(*CACHED_SHAPE, 3, seed=seed)
+
+
+def token_mean_backward(x, targets, group_ids, num_groups=3):
+    _, group_sums, token_counts = group_cross_entropy(x, targets, group_ids, num_groups)
+    (group_sums.sum() / token_counts.sum()).backward()
+
+
+def test_released_gradient_buffer_is_reused(clean_gradient_state):
+    logits, targets, group_ids = cached_inputs(0)
+    x = logits.clone().requires_grad_()
+    token_mean_backward(x, targets, group_ids)
+    first, first_ptr = x.grad.clone(), x.grad.data_ptr()
+    before = aioli_ext.gradient_buffer_cache()
+    assert before.buffers == 1 and before.idle_bytes == 0  # x.grad is that buffer
+    x.grad = None  # as zero_grad(set_to_none=True): nothing references the buffer now
+    assert aioli_ext.gradient_buffer_cache().idle_bytes == logits.numel() * 4
+    token_mean_backward(x, targets, group_ids)
+    after = aioli_ext.gradient_buffer_cache()
+    assert x.grad.data_ptr() == first_ptr and after.reuses == before.reuses + 1
+    assert after.allocations == before.allocations
+    assert torch.equal(x.grad, first)
+
+
+def _hold(grad, how):
+    if how == "tensor":
+        return grad
+    if how == "view":
+        return grad[5:9, 100:200]
+    if how == "storage":
+        return grad.untyped_storage()
+    if how == "numpy":
+        return grad.numpy()
+    # A weak reference to the storage can be turned back into a storage: it must block reuse too.
+    from torch.multiprocessing.reductions import StorageWeakRef
+    return StorageWeakRef(grad.untyped_storage())
+
+
+@pytest.mark.parametrize("how", ["tensor", "view", "storage", "numpy", "storage_weak_ref"])
+def test_held_gradient_is_never_overwritten(clean_gradient_state, how):
+    logits, targets, group_ids = cached_inputs(0)
+    x = logits.clone().requires_grad_()
+    token_mean_backward(x, targets, group_ids)
+    held_ptr, snapshot = x.grad.data_ptr(), x.grad.clone()
+    holder = _hold(x.grad, how)
+    x.grad = None
+    reuses = aioli_ext.gradient_buffer_cache().reuses
+    other_logits, other_targets, other_ids = cached_inputs(1)
+    y = other_logits.clone().requires_grad_()
+    token_mean_backward(y, other_targets, other_ids)
+    assert y.grad.data_ptr() != held_ptr
+    assert not torch.equal(y.grad, snapshot)  # different inputs, so an overwrite would show
+    if how != "storage_weak_ref":
+        held = torch.as_tensor(holder) if how == "numpy" else holder
+        if how == "storage":
+            held = torch.empty(0).set_(holder).view(CACHED_SHAPE)
+        expected = snapshot[5:9, 100:200] if how == "view" else snapshot
+        assert torch.equal(held, expected)
+    assert aioli_ext.gradient_buffer_cache().reuses == reuses
+
+
+def test_accumulated_gradient_is_exact(clean_gradient_state):
+    # Without zeroing, .grad keeps the first buffer and later gradients are added into it: the cache must
+    # hand out a different buffer every step while .grad holds one (then reuse that other one).
+    x = cached_inputs(0)[0].clone().requires_grad_()
+    x_ref = x.detach().double().requires_grad_()
+    reuses = aioli_ext.gradient_buffer_cache().reuses
+    for seed in range(3):
+        _, targets, group_ids = cached_inputs(seed)
+        token_mean_backward(x, targets, group_ids)
+        _, sums, counts = group_cross_entropy_reference(x_ref, targets, group_ids, 3)
+        (sums.sum() / counts.sum()).backward()
+    assert_close(x.grad, x_ref.grad, 1e-5)
+    info = aioli_ext.gradient_buffer_cache()
+    assert info.reuses == reuses + 1 and info.buffers == 2
+
+
+def test_threads_never_share_a_held_gradient(clean_gradient_state):
+    import threading
+
+    kept, errors = [], []
+
+    def worker(thread):
+        try:
+            for step in range(4):
+                logits, targets, group_ids = cached_inputs(10 * thread + step)
+                x = logits.requires_grad_()
+                token_mean_backward(x, targets, group_ids)
+                if step % 2 == 0:  # keep every other gradient, with a copy taken before anything else ran on it
+                    kept.append((x.grad, x.grad.clone()))
+        except Exception as exc:  # noqa: BLE001 (reported in the main thread)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(kept) == 4 and len({grad.data_ptr() for grad, _ in kept}) == 4
+    for grad, copy in kept:
+        assert torch.equal(grad, copy)
+
+
+def test_gradient_cache_limit_and_switch_off(clean_gradient_state):
+    logits, targets, group_ids = cached_inputs(0)
+    x = logits.clone().requires_grad_()
+    before = aioli_ext.gradient_buffer_cache(0)
+    assert before.max_bytes == 0 and before.cached_bytes == 0
+    for _ in range(2):
+        x.grad = None
+        token_mean_backward(x, targets, group_ids)
+    info = aioli_ext.gradient_buffer_cache()
+    assert info.reuses == before.reuses and info.buffers == 0 and info.allocations == before.allocations + 2
+    # A limit below one buffer caches nothing either.
+    aioli_ext.gradient_buffer_cache(logits.numel() * 4 - 1)
+    x.grad = None
+    token_mean_backward(x, targets, group_ids)
+    assert aioli_ext.gradient_buffer_cache().buffers == 0
+    with pytest.raises(ValueError, match=r"max_bytes must be >= 0 \(0 disables the gradient buffer cache\), got -1"):
+        aioli_ext.gradient_buffer_cache(-1)
+
+
+def test_gradient_cache_environment_variable_is_checked():
+    import subprocess
+    import sys
+
+    code = "import aioli_ext; print(aioli_ext.gradient_buffer_cache().max_bytes)"
+    env = dict(os.environ, AIOLI_EXT_GRADIENT_CACHE_BYTES="lots")
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0
+    assert "AIOLI_EXT_GRADIENT_CACHE_BYTES must be a whole number of bytes >= 0" in bad.stderr
+    env["AIOLI_EXT_GRADIENT_CACHE_BYTES"] = "12345"
+    good = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert good.returncode == 0 and good.stdout.strip() == "12345"
+
+
+GROUP_WEIGHTS = torch.tensor([0.1, 0.3, 0.2, 0.4, 7.0], dtype=torch.float64)
+
+# Objectives of (per-token loss, group_sums, token_counts), and whether the prediction must know them from the
+# first step (the token mean) or from the second (one miss teaches the form). Weighted forms are learned over
+# a few steps; for them only the gradient is checked.
+USUAL_OBJECTIVES = {
+    "token_mean_of_sums": (lambda l, s, c: s.sum() / c.sum(), 1),
+    "token_mean_of_losses": (lambda l, s, c: l.sum() / c.sum(), 1),
+    "mean_over_rows": (lambda l, s, c: l.mean(), 2),
+    "loss_scaled_token_mean": (lambda l, s, c: (s.sum() / c.sum()) * 1024.0, 2),
+    "accumulation_step_of_3": (lambda l, s, c: (s.sum() / c.sum()) / 3, 2),
+    "sum": (lambda l, s, c: l.sum(), 2),
+    "weighted_group_means": (lambda l, s, c: (GROUP_WEIGHTS.to(s.dtype) * s / c.clamp_min(1)).sum(), None),
+    "weighted_token_mean": (lambda l, s, c: (GROUP_WEIGHTS.to(s.dtype) * s).sum() / c.sum(), None),
+}
+
+
+def _plain_gradient(objective, logits, targets, group_ids, num_groups):
+    x = logits.clone().requires_grad_()
+    objective(*group_cross_entropy(x, targets, group_ids, num_groups)).backward()
+    return x.grad
+
+
+@pytest.mark.parametrize("dtype,loss_tol,grad_tol", DTYPE_TOLS[:3])
+@pytest.mark.parametrize("name", sorted(USUAL_OBJECTIVES))
+def test_predicted_scale_gives_the_general_gradient(clean_gradient_state, dtype, loss_tol, grad_tol, name):
+    objective, hits_from = USUAL_OBJECTIVES[name]
+    steps, num_groups = 5, 5
+    hit_steps = []
+    for step in range(steps):
+        # Counts change from step to step (different ignored tokens), as in training.
+        logits, targets, group_ids = make_inputs(48, 61, num_groups, dtype, seed=step, ignore_frac=0.2)
+        before = aioli_ext.gradient_scale_prediction().hits
+        predicted = _plain_gradient(objective, logits, targets, group_ids, num_groups)
+        hit_steps.append(aioli_ext.gradient_scale_prediction().hits > before)
+        aioli_ext.gradient_scale_prediction(False)
+        general = _plain_gradient(objective, logits, targets, group_ids, num_groups)
+        aioli_ext.gradient_scale_prediction(True)
+        x_ref = logits.clone().requires_grad_()
+        objective(*group_cross_entropy_reference(x_ref, targets, group_ids, num_groups)).backward()
+        assert predicted.dtype == dtype
+        assert_close(predicted, x_ref.grad, grad_tol)
+        assert_close(predicted, general, grad_tol)
+    if hits_from is not None:
+        # The token mean is the first prediction (backward then hands the forward's buffer on as it is), except
+        # for fp16, which is written unscaled until a backward has shown the real coefficient.
+        first_hit = max(hits_from, 2) if dtype == torch.float16 else hits_from
+        assert all(hit_steps[first_hit - 1:]), hit_steps
+
+
+@pytest.mark.parametrize("dtype,loss_tol,grad_tol", DTYPE_TOLS)
+def test_arbitrary_upstream_gradients_after_a_learned_prediction(clean_gradient_state, dtype, loss_tol, grad_tol):
+    # Teach the predictor a loss-scaled token mean, then send upstream gradients it cannot have guessed.
+    num_groups = 4
+    for step in range(2):
+        logits, targets, group_ids = make_inputs(40, 77, num_groups, dtype, seed=step)
+        _plain_gradient(USUAL_OBJECTIVES["loss_scaled_token_mean"][0], logits, targets, group_ids, num_groups)
+    gen = torch.Generator().manual_seed(5)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    per_token = torch.randn(40, generator=gen, dtype=torch.float64)
+    per_token[::7] = 0
+    per_group = torch.randn(num_groups, generator=gen, dtype=torch.float64)
+    cases = [lambda l, s, c: (l * per_token.to(acc)).sum(),
+             lambda l, s, c: (s * per_group.to(acc)).sum(),
+             lambda l, s, c: (l * per_token.to(acc)).sum() + (s * per_group.to(acc)).sum() / c.sum(),
+             lambda l, s, c: s[0] * 0.0]
+    logits, targets, group_ids = make_inputs(40, 77, num_groups, dtype, seed=9)
+    for objective in cases:
+        got = _plain_gradient(objective, logits, targets, group_ids, num_groups)
+        x_ref = logits.clone().requires_grad_()
+        objective(*group_cross_entropy_reference(x_ref, targets, group_ids, num_groups)).backward()
+        # The upstream gradients here reach ~3 in magnitude: the rounding of the logits' dtype scales with it.
+        assert_close(got, x_ref.grad, 3 * grad_tol)
+
+
+def test_predicted_token_mean_with_retained_graph():
+    logits, targets, group_ids = make_inputs(30, 64, 3)
+    x = logits.clone().requires_grad_()
+    _, group_sums, token_counts = group_cross_entropy(x, targets, group_ids, 3)
+    objective = group_sums.sum() / token_counts.sum()
+    first = torch.autograd.grad(objective, x, retain_graph=True)[0]
+    kept = first.clone()
+    second = torch.autograd.grad(objective, x)[0]
+    assert torch.equal(first, kept) and torch.equal(first, second)
+    assert first.data_ptr() != second.data_ptr()
 
 
 # ------------------------------------------------------------------------------- CPU threads and ISA paths

@@ -17,8 +17,13 @@
 #include <tuple>
 #include <vector>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
+
 #include "cpu/cpu_capability.h"
-#include "cpu/huge_pages.h"
+#include "cpu/gradient_buffer_cache.h"
 #include "cpu/group_loss_kernel.h"
 #include "group_loss.h"
 #include "group_loss_checks.h"
@@ -206,8 +211,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_cross_entropy_w
     const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& group_ids, int64_t num_groups,
     int64_t ignore_index, int64_t seq_len, const at::Tensor& group_scale) {
   check_dim(logits, "logits", 2, "[N, V]");
-  at::Tensor grad_logits = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
-  advise_huge_pages(grad_logits);
+  at::Tensor grad_logits = empty_gradient_buffer(logits.sizes(), logits.scalar_type());
   auto [loss, group_sums, token_counts] = group_cross_entropy_impl(logits, targets, group_ids, num_groups,
                                                                    ignore_index, seq_len, &group_scale, &grad_logits);
   return {loss, group_sums, token_counts, grad_logits};
