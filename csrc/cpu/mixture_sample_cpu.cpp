@@ -327,17 +327,19 @@ struct FineGuide {
     return std::max(group_bits, std::min(wanted, batch_bits));
   }
 
-  static FineGuide build(const int64_t* cumulative, int64_t num_groups, int bits, uint32_t* entries) {
-    const int shift = mixture::kThresholdBits - bits;
+  // Over values in [0, 2^value_bits) and a table whose last entry exceeds every value drawn.
+  static FineGuide build(const int64_t* cumulative, int64_t num_groups, int bits, int value_bits,
+                         uint32_t* entries) {
+    const int shift = value_bits - bits;
     const int64_t buckets = int64_t{1} << bits;
     const uint64_t* cum = reinterpret_cast<const uint64_t*>(cumulative);
     int64_t g = 0;
     for (int64_t b = 0; b < buckets; ++b) {
       const uint64_t first = static_cast<uint64_t>(b) << shift;
       const uint64_t last = first + ((uint64_t{1} << shift) - 1);
-      while (cum[g + 1] <= first) ++g;
+      while (g < num_groups - 1 && cum[g + 1] <= first) ++g;
       int64_t h = g;
-      while (cum[h + 1] <= last) ++h;
+      while (h < num_groups - 1 && cum[h + 1] <= last) ++h;
       entries[b] = static_cast<uint32_t>(g) | (h > g + 1 ? kSearch : 0u);
     }
     entries[buckets] = static_cast<uint32_t>(num_groups - 1);
@@ -458,7 +460,7 @@ std::vector<int64_t> sample_iid_round0(const mixture::SampleShape& shape, const 
   const int fine_bits = FineGuide::bits_for(num_groups, batch);
   const bool use_fine_guide = fine_bits + shape.guide_shift > mixture::kThresholdBits;
   const FineGuide fine =
-      use_fine_guide ? FineGuide::build(cumulative, num_groups, fine_bits,
+      use_fine_guide ? FineGuide::build(cumulative, num_groups, fine_bits, mixture::kThresholdBits,
                                         scratch.guide.get((size_t{1} << fine_bits) + 1))
                      : FineGuide{nullptr, 0};
   const SlotRandomPairsKernel slot_random_pairs = select_slot_random_kernel();
@@ -622,27 +624,27 @@ std::vector<int64_t> sample_systematic_round0(const mixture::SampleShape& shape,
     remaining.resize(num_groups);
     for (int64_t g = 0; g < num_groups; ++g) remaining[g] = capacity[g] - cursor[g];
   }
+  CallScratch scratch = CallScratch::of_this_thread();
   // A guide over the group-major list (bucket of entry q -> first candidate group), like the threshold guide
-  // of the i.i.d. draws: O(1) expected search steps and a small table, where a binary search over K would stall
-  // on dependent loads. Same result as mixture::find_group over the whole table (what the CUDA kernel does).
+  // of the i.i.d. draws: O(1) steps and a small table, where a binary search over K would stall on dependent
+  // loads. Same result as mixture::find_group over the whole table (what the CUDA kernel does).
   const int entry_bits = bit_width_u64(static_cast<uint64_t>(batch - 1));
-  const int bucket_bits = std::min(entry_bits, bit_width_u64(static_cast<uint64_t>(num_groups - 1)));
-  const int bucket_shift = entry_bits - bucket_bits;
-  const int64_t buckets = int64_t{1} << bucket_bits;
-  std::vector<int32_t> entry_guide(buckets + 1);
-  {
-    int64_t g = 0;
-    for (int64_t b = 0; b < buckets; ++b) {
-      const int64_t point = b << bucket_shift;
-      while (g < num_groups - 1 && slot_counts[g + 1] <= point) ++g;
-      entry_guide[b] = static_cast<int32_t>(g);
-    }
-    entry_guide[buckets] = static_cast<int32_t>(num_groups - 1);
+  const int guide_bits = std::min(entry_bits, FineGuide::bits_for(num_groups, batch));
+  const FineGuide guide = FineGuide::build(slot_counts.data(), num_groups, guide_bits, entry_bits,
+                                           scratch.guide.get((size_t{1} << guide_bits) + 1));
+  // The slot order is one keyed permutation of [0, B): evaluated a block at a time by the lane kernel, as the
+  // one group of a one-record table (batches of <= kSmallPermutationSize slots are left to the scalar code).
+  GroupPermutations order_record{};
+  order_record.size_bits = static_cast<uint64_t>(batch) > kSmallPermutationSize
+                               ? static_cast<uint64_t>(batch) |
+                                     (static_cast<uint64_t>(order.left_bits + order.right_bits) << kSizeBitsShift)
+                               : 0;
+  for (int r = 0; r < kFeistelRounds / 2; ++r) {
+    order_record.key_pairs[0][r] = order.keys[2 * r] | (static_cast<uint64_t>(order.keys[2 * r + 1]) << 32);
   }
   const bool large_tables = num_groups > 4096;
   std::vector<int64_t> group_total(num_groups);
   for (int64_t g = 0; g < num_groups; ++g) group_total[g] = slot_counts[g + 1] - slot_counts[g];
-  CallScratch scratch = CallScratch::of_this_thread();
   const PermutationTable table(index, cursor, group_total.data(), num_groups, scratch);
   const int64_t num_chunks = chunk_count(batch);
   std::vector<std::vector<int64_t>> pending(num_chunks);
@@ -655,6 +657,7 @@ std::vector<int64_t> sample_systematic_round0(const mixture::SampleShape& shape,
         : cache(num_groups), writer(table, cache, kernel, ids, groups) {}
     ~Worker() { writer.flush(); }
   };
+  static const int32_t kGroupZero[kPermutationLanes] = {};
   for_each_chunk(
       num_chunks,
       [&] { return std::make_unique<Worker>(table, num_groups, sample_lanes, out_ids, out_groups); },
@@ -665,40 +668,47 @@ std::vector<int64_t> sample_systematic_round0(const mixture::SampleShape& shape,
         const int64_t to = shape.capped ? end : std::min(end, hi);
         // Blocks of slots in stages (entries, then groups, then samples), each stage prefetching what the next
         // one reads, so that with large K the table look-ups of a block overlap.
-        constexpr int kBlock = 32;
+        constexpr int kBlock = kPermutationLanes;
+        uint64_t position[kBlock];
         int64_t entry[kBlock];
-        int64_t group[kBlock];
+        int32_t group[kBlock];
+        uint64_t offset[kBlock];
+        int32_t left_over[kBlock];
         for (int64_t j0 = from; j0 < to; j0 += kBlock) {
           const int n = static_cast<int>(std::min<int64_t>(kBlock, to - j0));
-          for (int i = 0; i < n; ++i) {
-            entry[i] = static_cast<int64_t>(order(static_cast<uint64_t>(j0 + i)));
-            if (large_tables) __builtin_prefetch(entry_guide.data() + (entry[i] >> bucket_shift));
-          }
+          for (int i = 0; i < n; ++i) position[i] = static_cast<uint64_t>(j0 + i);
+          const int left = sample_lanes(&order_record, kGroupZero, position, n, entry, left_over);
+          for (int k = 0; k < left; ++k) entry[left_over[k]] = static_cast<int64_t>(order(position[left_over[k]]));
           if (large_tables) {
+            for (int i = 0; i < n; ++i) __builtin_prefetch(guide.entries + (entry[i] >> guide.shift));
             for (int i = 0; i < n; ++i) {
-              __builtin_prefetch(slot_counts.data() + entry_guide[entry[i] >> bucket_shift] + 1);
+              const uint32_t lo_group = guide.entries[entry[i] >> guide.shift] & ~FineGuide::kSearch;
+              __builtin_prefetch(slot_counts.data() + lo_group + 1);
             }
           }
           for (int i = 0; i < n; ++i) {
-            const int64_t bucket = entry[i] >> bucket_shift;
-            group[i] = mixture::find_group(slot_counts.data(), entry_guide[bucket], entry_guide[bucket + 1],
-                                           static_cast<uint64_t>(entry[i]));
+            group[i] = static_cast<int32_t>(guide.group_of(static_cast<uint64_t>(entry[i]), slot_counts.data()));
             if (large_tables) {
               __builtin_prefetch(cursor + group[i]);
               table.prefetch(group[i]);
             }
           }
           for (int i = 0; i < n; ++i) {
+            const int64_t g = group[i];
+            offset[i] = static_cast<uint64_t>(cursor[g] + (entry[i] - slot_counts[g]) - table.epoch_begin(g));
+          }
+          if (!shape.capped) {
+            worker.writer.write_block(j0 - lo, group, offset, n);
+            continue;
+          }
+          for (int i = 0; i < n; ++i) {
             const int64_t j = j0 + i;
             const int64_t g = group[i];
-            const int64_t k = entry[i] - slot_counts[g];
-            if (shape.capped && k >= remaining[g]) {
+            if (entry[i] - slot_counts[g] >= remaining[g]) {
               pending[c].push_back(j);
               continue;
             }
-            if (j >= lo && j < hi) {
-              worker.writer.add(j - lo, g, static_cast<uint64_t>(cursor[g] + k - table.epoch_begin(g)));
-            }
+            if (j >= lo && j < hi) worker.writer.add(j - lo, g, offset[i]);
           }
         }
       });
