@@ -7,6 +7,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <new>
 #include <tuple>
 #include <vector>
 
@@ -84,17 +85,24 @@ struct IndexView {
 };
 
 // Scratch memory of a call, kept by the calling thread for its next call: a fresh multi-megabyte buffer per
-// call costs page faults comparable to the sampling itself. Elements are left uninitialised. Buffers beyond
-// kKeptBytes are freed when the call ends (release()) rather than pinning that memory.
+// call costs page faults comparable to the sampling itself. Elements are left uninitialised; the memory is
+// cache-line aligned, and large buffers are huge-page aligned and advised (fewer TLB misses on the random
+// accesses of large K). Buffers beyond kKeptBytes are freed when the call ends (release()) rather than pinning
+// that memory.
 template <typename T>
 class ScratchBuffer {
  public:
   static constexpr size_t kKeptBytes = size_t{64} << 20;
+  static constexpr size_t kHugePage = size_t{2} << 20;
 
   T* get(size_t n) {
     if (n > capacity_) {
-      data_.reset(new T[n]);
+      const size_t bytes = n * sizeof(T);
+      const size_t alignment = bytes >= 2 * kHugePage ? kHugePage : 64;
+      data_.reset(static_cast<T*>(::operator new[](bytes, std::align_val_t{alignment})));
+      alignment_ = alignment;
       capacity_ = n;
+      advise_huge_pages(data_.get(), static_cast<int64_t>(bytes));
     }
     return data_.get();
   }
@@ -107,8 +115,13 @@ class ScratchBuffer {
   }
 
  private:
-  std::unique_ptr<T[]> data_;
+  struct Free {
+    size_t* alignment;
+    void operator()(T* p) const { ::operator delete[](p, std::align_val_t{*alignment}); }
+  };
+  size_t alignment_ = 64;
   size_t capacity_ = 0;
+  std::unique_ptr<T, Free> data_{nullptr, Free{&alignment_}};
 };
 
 // A call's scratch buffers, released (when large) however the call ends.
@@ -453,7 +466,10 @@ std::vector<int64_t> sample_iid_round0(const mixture::SampleShape& shape, const 
       std::min<int64_t>(at::get_num_threads(), (4 * batch) / num_groups), (int64_t{1} << 21) / num_groups);
   num_chunks = std::max<int64_t>(1, std::min(num_chunks, counter_budget));
   pending.assign(num_chunks, {});
-  int64_t* chunk_next = scratch.chunk_next.get(static_cast<size_t>(num_chunks * num_groups));
+  // Rows padded to whole pairs of cache lines: threads count adjacent chunks at the same time, and a shared
+  // line would bounce between their caches on every increment.
+  const int64_t row = (num_groups + 15) & ~int64_t{15};
+  int64_t* chunk_next = scratch.chunk_next.get(static_cast<size_t>(num_chunks * row));
   const uint64_t* cumulative_u = reinterpret_cast<const uint64_t*>(cumulative);
   // Tables that stay in L1/L2 need no prefetching; it only costs instructions there.
   const bool large_tables = num_groups > 4096;
@@ -472,7 +488,7 @@ std::vector<int64_t> sample_iid_round0(const mixture::SampleShape& shape, const 
         // slots), then the groups.
         constexpr int kBlock = 2 * kSlotRandomBlockPairs;
         uint64_t values[kBlock];
-        int64_t* counts = chunk_next + c * num_groups;
+        int64_t* counts = chunk_next + c * row;
         std::fill(counts, counts + num_groups, int64_t{0});
         const int64_t end = chunk_begin(c + 1, num_chunks, batch);
         for (int64_t j0 = chunk_begin(c, num_chunks, batch); j0 < end; j0 += kBlock) {
@@ -532,7 +548,7 @@ std::vector<int64_t> sample_iid_round0(const mixture::SampleShape& shape, const 
       group_total[g] = size > 0 ? cursor[g] % size : 0;
     }
     for (int64_t c = 0; c < num_chunks; ++c) {
-      int64_t* next = chunk_next + c * num_groups;
+      int64_t* next = chunk_next + c * row;
       for (int64_t g = gb; g < ge; ++g) {
         const int64_t n = next[g];
         next[g] = group_total[g];
@@ -563,7 +579,7 @@ std::vector<int64_t> sample_iid_round0(const mixture::SampleShape& shape, const 
         // kernel, which waits on all of a gather's loads at once), so they are fetched a block further ahead.
         constexpr int64_t kCounterAhead = 32;
         constexpr int64_t kRecordAhead = kCounterAhead + kPermutationLanes;
-        int64_t* next = chunk_next + c * num_groups;
+        int64_t* next = chunk_next + c * row;
         const int64_t begin = chunk_begin(c, num_chunks, batch);
         const int64_t chunk_end = chunk_begin(c + 1, num_chunks, batch);
         auto prefetch = [&](int64_t j, int64_t end) {
