@@ -460,10 +460,11 @@ std::vector<int64_t> sample_iid_round0(const mixture::SampleShape& shape, const 
   }
 
   // Counting ranks: each chunk counts its slots per group; an exclusive scan over chunks turns the counts into
-  // the offset (see PermutationTable) each chunk's first slot of each group takes. The counters take at most
-  // max(4 B, 2^21) entries, and at least one chunk per thread where that allows it.
+  // the offset (see PermutationTable) each chunk's first slot of each group takes. Chunks are limited to
+  // 2^19 counters in all (with large K every chunk's row is zeroed, scanned and randomly accessed: more chunks
+  // cost more than the finer load balance gains), but one chunk per thread is allowed up to 4 B counters.
   const int64_t counter_budget = std::max<int64_t>(
-      std::min<int64_t>(at::get_num_threads(), (4 * batch) / num_groups), (int64_t{1} << 21) / num_groups);
+      std::min<int64_t>(at::get_num_threads(), (4 * batch) / num_groups), (int64_t{1} << 19) / num_groups);
   num_chunks = std::max<int64_t>(1, std::min(num_chunks, counter_budget));
   pending.assign(num_chunks, {});
   // Rows padded to whole pairs of cache lines: threads count adjacent chunks at the same time, and a shared
