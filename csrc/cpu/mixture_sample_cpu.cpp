@@ -481,6 +481,53 @@ std::vector<int64_t> sample_iid_round0(const mixture::SampleShape& shape, const 
                                         scratch.guide.get((size_t{1} << fine_bits) + 1))
                      : FineGuide{nullptr, 0};
   const SlotRandomPairsKernel slot_random_pairs = select_slot_random_kernel();
+  // Large K: the guide, threshold and counter look-ups miss the caches. A three-stage software pipeline over
+  // blocks of slots: block b + 2's random words and a prefetch of their guide buckets, block b + 1's guide
+  // entries and a prefetch of their threshold and counter lines, block b's groups and counts; so every look-up
+  // was requested a whole block before it is used.
+  auto draw_large_k = [&](int64_t begin, int64_t end, int64_t* counts) {
+    constexpr int kBlock = 2 * kSlotRandomBlockPairs;
+    uint64_t ring[3][kBlock];
+    int length[3] = {0, 0, 0};
+    auto bucket_group = [&](uint64_t value) -> int64_t {
+      return use_fine_guide ? fine.entries[value >> fine.shift] & ~FineGuide::kSearch
+                            : guide[value >> shape.guide_shift];
+    };
+    const int64_t blocks = (end - begin + kBlock - 1) / kBlock;
+    for (int64_t b = -2; b < blocks; ++b) {
+      if (b + 2 < blocks) {
+        const int64_t j0 = begin + (b + 2) * kBlock;
+        uint64_t* values = ring[(b + 2) % 3];
+        const int n = static_cast<int>(std::min<int64_t>(kBlock, end - j0));
+        slot_random_pairs(seed, step, 0, static_cast<uint64_t>(j0) >> 1, (n + 1) / 2, values);
+        for (int i = 0; i < n; ++i) {
+          values[i] >>= 2;  // cumulative[K] == 2^62, so threshold_value is a shift
+          __builtin_prefetch(use_fine_guide ? static_cast<const void*>(fine.entries + (values[i] >> fine.shift))
+                                            : static_cast<const void*>(guide + (values[i] >> shape.guide_shift)));
+        }
+        length[(b + 2) % 3] = n;
+      }
+      if (b + 1 >= 0 && b + 1 < blocks) {
+        const uint64_t* values = ring[(b + 1) % 3];
+        for (int i = 0; i < length[(b + 1) % 3]; ++i) {
+          const int64_t lo_group = bucket_group(values[i]);
+          __builtin_prefetch(cumulative_u + lo_group + 1);
+          __builtin_prefetch(counts + lo_group, 1);
+        }
+      }
+      if (b >= 0) {
+        const uint64_t* values = ring[b % 3];
+        int32_t* groups = slot_group + begin + b * kBlock;
+        for (int i = 0; i < length[b % 3]; ++i) {
+          const int64_t g = use_fine_guide ? fine.group_of(values[i], cumulative)
+                                           : mixture::group_of_value(values[i], cumulative, num_groups, guide,
+                                                                     shape.guide_shift);
+          groups[i] = static_cast<int32_t>(g);
+          ++counts[g];
+        }
+      }
+    }
+  };
   struct NoState {};
   for_each_chunk(
       num_chunks, [] { return std::make_unique<NoState>(); },
@@ -491,13 +538,18 @@ std::vector<int64_t> sample_iid_round0(const mixture::SampleShape& shape, const 
         uint64_t values[kBlock];
         int64_t* counts = chunk_next + c * row;
         std::fill(counts, counts + num_groups, int64_t{0});
+        const int64_t begin = chunk_begin(c, num_chunks, batch);
         const int64_t end = chunk_begin(c + 1, num_chunks, batch);
-        for (int64_t j0 = chunk_begin(c, num_chunks, batch); j0 < end; j0 += kBlock) {
+        if (large_tables) {
+          draw_large_k(begin, end, counts);
+          return;
+        }
+        for (int64_t j0 = begin; j0 < end; j0 += kBlock) {
           const int n = static_cast<int>(std::min<int64_t>(kBlock, end - j0));
           slot_random_pairs(seed, step, 0, static_cast<uint64_t>(j0) >> 1, (n + 1) / 2, values);
           int32_t* groups = slot_group + j0;
           // cumulative[K] == 2^62, so threshold_value is a shift.
-          if (use_fine_guide && !large_tables) {
+          if (use_fine_guide) {
             for (int i = 0; i < n; ++i) {
               const int64_t g = fine.group_of(values[i] >> 2, cumulative);
               groups[i] = static_cast<int32_t>(g);
@@ -505,37 +557,9 @@ std::vector<int64_t> sample_iid_round0(const mixture::SampleShape& shape, const 
             }
             continue;
           }
-          // Large K: the table look-ups of a block overlap, each stage prefetching what the next one reads.
-          if (use_fine_guide) {
-            for (int i = 0; i < n; ++i) {
-              values[i] >>= 2;
-              __builtin_prefetch(fine.entries + (values[i] >> fine.shift));
-            }
-            for (int i = 0; i < n; ++i) {
-              const int64_t lo_group = fine.entries[values[i] >> fine.shift] & ~FineGuide::kSearch;
-              __builtin_prefetch(cumulative_u + lo_group + 1);
-              __builtin_prefetch(counts + lo_group, 1);
-            }
-            for (int i = 0; i < n; ++i) {
-              const int64_t g = fine.group_of(values[i], cumulative);
-              groups[i] = static_cast<int32_t>(g);
-              ++counts[g];
-            }
-            continue;
-          }
           for (int i = 0; i < n; ++i) {
-            values[i] >>= 2;
-            if (large_tables) __builtin_prefetch(guide + (values[i] >> shape.guide_shift));
-          }
-          if (large_tables) {
-            for (int i = 0; i < n; ++i) {
-              const int64_t lo_group = guide[values[i] >> shape.guide_shift];
-              __builtin_prefetch(cumulative_u + lo_group + 1);
-              __builtin_prefetch(counts + lo_group, 1);
-            }
-          }
-          for (int i = 0; i < n; ++i) {
-            const int64_t g = mixture::group_of_value(values[i], cumulative, num_groups, guide, shape.guide_shift);
+            const int64_t g = mixture::group_of_value(values[i] >> 2, cumulative, num_groups, guide,
+                                                      shape.guide_shift);
             groups[i] = static_cast<int32_t>(g);
             ++counts[g];
           }
@@ -578,7 +602,7 @@ std::vector<int64_t> sample_iid_round0(const mixture::SampleShape& shape, const 
         // With large K the group's counter and record are cache misses (L3 or memory): fetch them far enough
         // ahead to cover a memory latency. The records are read a block later than the counters (by the lane
         // kernel, which waits on all of a gather's loads at once), so they are fetched a block further ahead.
-        constexpr int64_t kCounterAhead = 32;
+        constexpr int64_t kCounterAhead = 96;
         constexpr int64_t kRecordAhead = kCounterAhead + kPermutationLanes;
         int64_t* next = chunk_next + c * row;
         const int64_t begin = chunk_begin(c, num_chunks, batch);
