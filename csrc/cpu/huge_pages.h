@@ -12,10 +12,11 @@
 
 namespace aioli_ext {
 
-// A fresh output (or scratch buffer) of many megabytes is mostly page-fault cost on first touch (measured: 4 KB faults make a fresh
-// [N, V] gradient ~3x slower to fill than a reused one, and cost about a sixth of a 2^22-draw sampler call).
-// Advising transparent huge pages on a new allocation that only the op owns cuts the number of faults 512-fold
-// (and TLB misses on random access) where the kernel allows THP on request ("madvise" mode). The values written are the same either way.
+// A fresh output or scratch buffer of many megabytes is mostly page-fault cost on first touch (measured: 4 KB
+// faults make a fresh [N, V] gradient ~3x slower to fill than a reused one, and cost about a sixth of a
+// 2^22-draw sampler call). Advising transparent huge pages on a new allocation that only the op owns cuts the
+// number of faults 512-fold (and TLB misses on random access) where the kernel allows THP on request
+// ("madvise" mode). The values written are the same either way.
 inline void advise_huge_pages(const void* data, int64_t bytes) {
 #ifdef __linux__
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;

@@ -81,7 +81,6 @@ struct IndexView {
     return csr != nullptr ? csr[flat] : flat;
   }
 
-  void prefetch(int64_t group) const { __builtin_prefetch(ranges + 2 * group); }
 };
 
 // Scratch memory of a call, kept by the calling thread for its next call: a fresh multi-megabyte buffer per
@@ -281,6 +280,16 @@ SampleLanesKernel select_sample_lanes_kernel() {
     default: return &sample_lanes_default;
   }
 }
+
+// A worker thread's writing state for one call: its permutation cache and block writer, flushed when the
+// worker has run its last chunk.
+struct SampleWorker {
+  PermutationCache cache;
+  SampleWriter writer;
+  SampleWorker(const PermutationTable& table, int64_t num_groups, int64_t* ids, int64_t* groups)
+      : cache(num_groups), writer(table, cache, select_sample_lanes_kernel(), ids, groups) {}
+  ~SampleWorker() { writer.flush(); }
+};
 
 SlotRandomPairsKernel select_slot_random_kernel() {
   switch (cpu_capability()) {
@@ -586,19 +595,10 @@ std::vector<int64_t> sample_iid_round0(const mixture::SampleShape& shape, const 
     }
   });
   const PermutationTable table(index, cursor, group_total.data(), num_groups, scratch);
-  const SampleLanesKernel sample_lanes = select_sample_lanes_kernel();
-  struct Worker {
-    PermutationCache cache;
-    SampleWriter writer;
-    Worker(const PermutationTable& table, int64_t num_groups, SampleLanesKernel kernel, int64_t* ids,
-           int64_t* groups)
-        : cache(num_groups), writer(table, cache, kernel, ids, groups) {}
-    ~Worker() { writer.flush(); }
-  };
   for_each_chunk(
       num_chunks,
-      [&] { return std::make_unique<Worker>(table, num_groups, sample_lanes, out_ids, out_groups); },
-      [&](Worker& worker, int64_t c) {
+      [&] { return std::make_unique<SampleWorker>(table, num_groups, out_ids, out_groups); },
+      [&](SampleWorker& worker, int64_t c) {
         // With large K the group's counter and record are cache misses (L3 or memory): fetch them far enough
         // ahead to cover a memory latency. The records are read a block later than the counters (by the lane
         // kernel, which waits on all of a gather's loads at once), so they are fetched a block further ahead.
@@ -690,19 +690,11 @@ std::vector<int64_t> sample_systematic_round0(const mixture::SampleShape& shape,
   const int64_t num_chunks = chunk_count(batch);
   std::vector<std::vector<int64_t>> pending(num_chunks);
   const SampleLanesKernel sample_lanes = select_sample_lanes_kernel();
-  struct Worker {
-    PermutationCache cache;
-    SampleWriter writer;
-    Worker(const PermutationTable& table, int64_t num_groups, SampleLanesKernel kernel, int64_t* ids,
-           int64_t* groups)
-        : cache(num_groups), writer(table, cache, kernel, ids, groups) {}
-    ~Worker() { writer.flush(); }
-  };
   static const int32_t kGroupZero[kPermutationLanes] = {};
   for_each_chunk(
       num_chunks,
-      [&] { return std::make_unique<Worker>(table, num_groups, sample_lanes, out_ids, out_groups); },
-      [&](Worker& worker, int64_t c) {
+      [&] { return std::make_unique<SampleWorker>(table, num_groups, out_ids, out_groups); },
+      [&](SampleWorker& worker, int64_t c) {
         const int64_t begin = chunk_begin(c, num_chunks, batch);
         const int64_t end = chunk_begin(c + 1, num_chunks, batch);
         const int64_t from = shape.capped ? begin : std::max(begin, lo);
