@@ -86,13 +86,14 @@ struct IndexView {
 // Scratch memory of a call, kept by the calling thread for its next call: a fresh multi-megabyte buffer per
 // call costs page faults comparable to the sampling itself. Elements are left uninitialised; the memory is
 // cache-line aligned, and large buffers are huge-page aligned and advised (fewer TLB misses on the random
-// accesses of large K). Buffers beyond kKeptBytes are freed when the call ends (release()) rather than pinning
-// that memory.
+// accesses of large K). A buffer beyond its kept size is freed when the call ends (release()) rather than
+// pinning that memory.
 template <typename T>
 class ScratchBuffer {
  public:
-  static constexpr size_t kKeptBytes = size_t{64} << 20;
   static constexpr size_t kHugePage = size_t{2} << 20;
+
+  explicit ScratchBuffer(size_t kept_bytes) : kept_bytes_(kept_bytes) {}
 
   T* get(size_t n) {
     if (n > capacity_) {
@@ -107,7 +108,7 @@ class ScratchBuffer {
   }
 
   void release() {
-    if (capacity_ * sizeof(T) > kKeptBytes) {
+    if (capacity_ * sizeof(T) > kept_bytes_) {
       data_.reset();
       capacity_ = 0;
     }
@@ -118,6 +119,7 @@ class ScratchBuffer {
     size_t* alignment;
     void operator()(T* p) const { ::operator delete[](p, std::align_val_t{*alignment}); }
   };
+  size_t kept_bytes_;
   size_t alignment_ = 64;
   size_t capacity_ = 0;
   std::unique_ptr<T, Free> data_{nullptr, Free{&alignment_}};
@@ -132,11 +134,12 @@ struct CallScratch {
   ScratchBuffer<uint32_t>& guide;
 
   static CallScratch of_this_thread() {
-    static thread_local ScratchBuffer<int32_t> slot_group;
-    static thread_local ScratchBuffer<int64_t> chunk_next;
-    static thread_local ScratchBuffer<GroupPermutations> records;
-    static thread_local ScratchBuffer<int64_t> group_words;
-    static thread_local ScratchBuffer<uint32_t> guide;
+    // The slot groups of batches up to 2^24 slots; the per-group tables of up to ~2^18 groups.
+    static thread_local ScratchBuffer<int32_t> slot_group(size_t{64} << 20);
+    static thread_local ScratchBuffer<int64_t> chunk_next(size_t{16} << 20);
+    static thread_local ScratchBuffer<GroupPermutations> records(size_t{16} << 20);
+    static thread_local ScratchBuffer<int64_t> group_words(size_t{2} << 20);
+    static thread_local ScratchBuffer<uint32_t> guide(size_t{2} << 20);
     return CallScratch{slot_group, chunk_next, records, group_words, guide};
   }
 
