@@ -1,7 +1,8 @@
-// Round-0 slot random words of the mixture sampler, compiled once per ISA (mixture_draw_default.cpp,
-// mixture_draw_avx2.cpp, mixture_draw_avx512.cpp) and picked at run time from cpu_capability().
+// Vectorised pieces of the mixture sampler, compiled once per ISA (mixture_draw_default.cpp,
+// mixture_draw_avx2.cpp, mixture_draw_avx512.cpp) and picked at run time from cpu_capability(): the sample ids of
+// blocks of slots (keyed permutations, below) and the round-0 slot random words.
 //
-// Why a kernel of its own: one Philox4x32-10 call per slot pair is the largest per-slot cost of the i.i.d.
+// Why a Philox kernel of its own: one Philox4x32-10 call per slot pair is a large per-slot cost of the i.i.d.
 // draws when evaluated one call at a time (ten dependent rounds of two 32x32->64 multiplies). Evaluated for a
 // block of consecutive pairs in structure-of-arrays form, the rounds vectorise (vpmuludq): the same bits as
 // mixture::slot_pair_random, several pairs per instruction.

@@ -1,4 +1,4 @@
-// Body of the per-ISA slot random kernels (see mixture_draw_kernel.h); included by exactly one translation unit
+// Body of the per-ISA sampler kernels (see mixture_draw_kernel.h); included by exactly one translation unit
 // per ISA, which the build compiles with that ISA's flags.
 #pragma once
 
