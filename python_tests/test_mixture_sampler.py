@@ -228,6 +228,20 @@ def test_every_cpu_isa_path_matches_reference(capability, mode, csr, restore_cpu
     assert sampler.cursor.tolist() == cursor
 
 
+def test_iid_large_batch_with_many_groups_starts_like_the_reference():
+    # An i.i.d. slot's group and rank depend only on (seed, step, slot) and the slots before it, so the first
+    # slots of a large batch equal a small batch's. The large batch takes the CPU kernel's paths for many groups
+    # (prefetching pipeline, per-call fine guide, several counter chunks); the small one is checked slot by slot.
+    gen = np.random.default_rng(6)
+    sizes = gen.integers(1, 400, size=6000)
+    p = gen.random(6000)
+    large = MixtureSampler(sizes, seed=4).sample(1 << 18, p)
+    small = MixtureSampler(sizes, seed=4).sample(3000, p)
+    assert torch.equal(large[0][:3000], small[0]) and torch.equal(large[1][:3000], small[1])
+    r_ids, r_groups, _, _ = ref.mixture_sample(sizes.tolist(), p, [0] * 6000, 4, 0, 3000)
+    assert small[0].tolist() == r_ids and small[1].tolist() == r_groups
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_cpu_isa_paths_agree_on_a_large_batch(mode, restore_cpu_capability):
     # Many groups of mixed sizes, a batch of many kernel blocks and several chunks: every ISA path gives the same
