@@ -186,6 +186,80 @@ def test_csr_sample_matches_reference():
     assert set(ids.tolist()) <= set(sample_ids)
 
 
+def _supported_cpu_capabilities():
+    names = ["default", "avx2", "avx512"]
+    return names[: names.index(aioli_ext.cpu_capability("")) + 1]
+
+
+@pytest.fixture
+def restore_cpu_capability():
+    yield
+    aioli_ext.cpu_capability("")
+
+
+@pytest.mark.parametrize("capability", _supported_cpu_capabilities())
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("csr", [False, True])
+def test_every_cpu_isa_path_matches_reference(capability, mode, csr, restore_cpu_capability):
+    # Group sizes that reach every branch of the CPU sample kernels: Fisher-Yates groups (<= 20), the narrow
+    # six-round networks (m < 10) with and without cycle walking, wide four-round networks, groups too large
+    # for the lane kernel (>= 2^58), groups that pass through more than two epochs in one call, an empty group;
+    # batches longer than one kernel block; a rank slice.
+    aioli_ext.cpu_capability(capability)
+    if csr:
+        sizes = [3, 0, 20, 21, 167, 1000, 4096, 7]
+        sample_ids = np.random.default_rng(5).permutation(sum(sizes)) * 3 + 1
+        indptr = np.concatenate([[0], np.cumsum(sizes)])
+        sampler = MixtureSampler.from_csr(indptr, sample_ids, seed=9, mode=mode, rank=1, world_size=2)
+        extra = dict(csr_sample_ids=sample_ids.tolist(), group_starts=indptr[:-1].tolist())
+    else:
+        sizes = [3, 0, 20, 21, 167, 1000, 4096, 2**40 + 3, 2**59, 7]
+        sampler = MixtureSampler(sizes, seed=9, mode=mode, rank=1, world_size=2)
+        extra = {}
+    cursor, residual = [0] * len(sizes), ([0] * len(sizes) if mode == "systematic" else None)
+    gen = np.random.default_rng(3)
+    for step in range(4):
+        p = gen.random(len(sizes)) + 0.05
+        p[1] = 0.0
+        ids, groups = sampler.sample(2400, p)
+        r_ids, r_groups, cursor, residual = ref.mixture_sample(sizes, p, cursor, 9, step, 2400, 1, 2,
+                                                               residual=residual, **extra)
+        assert ids.tolist() == r_ids and groups.tolist() == r_groups, f"step {step}"
+    assert sampler.cursor.tolist() == cursor
+
+
+def test_iid_large_batch_with_many_groups_starts_like_the_reference():
+    # An i.i.d. slot's group and rank depend only on (seed, step, slot) and the slots before it, so the first
+    # slots of a large batch equal a small batch's. The large batch takes the CPU kernel's paths for many groups
+    # (prefetching pipeline, per-call fine guide, several counter chunks); the small one is checked slot by slot.
+    gen = np.random.default_rng(6)
+    sizes = gen.integers(1, 400, size=6000)
+    p = gen.random(6000)
+    large = MixtureSampler(sizes, seed=4).sample(1 << 18, p)
+    small = MixtureSampler(sizes, seed=4).sample(3000, p)
+    assert torch.equal(large[0][:3000], small[0]) and torch.equal(large[1][:3000], small[1])
+    r_ids, r_groups, _, _ = ref.mixture_sample(sizes.tolist(), p, [0] * 6000, 4, 0, 3000)
+    assert small[0].tolist() == r_ids and small[1].tolist() == r_groups
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cpu_isa_paths_agree_on_a_large_batch(mode, restore_cpu_capability):
+    # Many groups of mixed sizes, a batch of many kernel blocks and several chunks: every ISA path gives the same
+    # draws as the portable one.
+    gen = np.random.default_rng(8)
+    sizes = np.concatenate([gen.integers(1, 30, size=300), gen.integers(30, 5000, size=600),
+                            gen.integers(5000, 10**7, size=100)])
+    p = gen.random(sizes.size)
+    outputs = {}
+    for capability in _supported_cpu_capabilities():
+        aioli_ext.cpu_capability(capability)
+        sampler = MixtureSampler(sizes, seed=1, mode=mode)
+        outputs[capability] = [sampler.sample(200003 if mode == "iid" else 200000, p) for _ in range(3)]
+    for capability, draws in outputs.items():
+        for (ids, groups), (ref_ids, ref_groups) in zip(draws, outputs["default"]):
+            assert torch.equal(ids, ref_ids) and torch.equal(groups, ref_groups), capability
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Statistics
 # ---------------------------------------------------------------------------------------------------------------

@@ -8,6 +8,9 @@ void slot_random_pairs_default(uint64_t seed, uint64_t step, uint32_t round, uin
   slot_random_pairs_impl(seed, step, round, first_pair, pairs, out);
 }
 
-void permutation_lanes_default(PermutationLanes& lanes, int count) { permutation_lanes_impl(lanes, count); }
+int sample_lanes_default(const GroupPermutations* groups, const int32_t* group, const uint64_t* offset, int count,
+                         int64_t* ids, int32_t* left_over) {
+  return sample_lanes_impl(groups, group, offset, count, ids, left_over);
+}
 
 }  // namespace aioli_ext

@@ -1,9 +1,13 @@
 // CPU kernels of the mixture sampler: mixture_sample, mixture_thresholds (host table builder used by both
 // backends) and the test ops philox4x32 / keyed_permutation. Per-slot math lives in csrc/mixture_sample.h;
 // this file only adds the parallel structure (chunks of slots over at::parallel_for).
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <new>
 #include <tuple>
 #include <vector>
 
@@ -77,136 +81,218 @@ struct IndexView {
     return csr != nullptr ? csr[flat] : flat;
   }
 
-  void prefetch(int64_t group) const { __builtin_prefetch(ranges + 2 * group); }
 };
 
-// The permutations of the epochs a call's positions fall in, made once per call for every group drawn
-// (positions cursor[g] .. cursor[g] + total[g] - 1), shared by all threads. With many groups a per-slot cache
-// keyed on the group misses nearly every time (one Philox call and a permutation set-up per slot); this table
-// costs one or two Philox calls per drawn group instead, and one cache line of look-up per slot. A group that
-// passes through more than two epochs in one call (fewer samples than draws) falls back to the cache.
-class GroupEpochTable {
+// Scratch memory of a call, kept by the calling thread for its next call: a fresh multi-megabyte buffer per
+// call costs page faults comparable to the sampling itself. Elements are left uninitialised; the memory is
+// cache-line aligned, and large buffers are huge-page aligned and advised (fewer TLB misses on the random
+// accesses of large K). A buffer beyond its kept size is freed when the call ends (release()) rather than
+// pinning that memory.
+template <typename T>
+class ScratchBuffer {
  public:
-  GroupEpochTable(const IndexView& index, const int64_t* cursor, const int64_t* totals, int64_t num_groups)
-      : index_(index), entries_(static_cast<size_t>(num_groups)) {
+  static constexpr size_t kHugePage = size_t{2} << 20;
+
+  explicit ScratchBuffer(size_t kept_bytes) : kept_bytes_(kept_bytes) {}
+
+  T* get(size_t n) {
+    if (n > capacity_) {
+      const size_t bytes = n * sizeof(T);
+      const size_t alignment = bytes >= 2 * kHugePage ? kHugePage : 64;
+      data_.reset(static_cast<T*>(::operator new[](bytes, std::align_val_t{alignment})));
+      alignment_ = alignment;
+      capacity_ = n;
+      advise_huge_pages(data_.get(), static_cast<int64_t>(bytes));
+    }
+    return data_.get();
+  }
+
+  void release() {
+    if (capacity_ * sizeof(T) > kept_bytes_) {
+      data_.reset();
+      capacity_ = 0;
+    }
+  }
+
+ private:
+  struct Free {
+    size_t* alignment;
+    void operator()(T* p) const { ::operator delete[](p, std::align_val_t{*alignment}); }
+  };
+  size_t kept_bytes_;
+  size_t alignment_ = 64;
+  size_t capacity_ = 0;
+  std::unique_ptr<T, Free> data_{nullptr, Free{&alignment_}};
+};
+
+// A call's scratch buffers, released (when large) however the call ends.
+struct CallScratch {
+  ScratchBuffer<int32_t>& slot_group;
+  ScratchBuffer<int64_t>& chunk_next;
+  ScratchBuffer<GroupPermutations>& records;
+  ScratchBuffer<int64_t>& group_words;
+  ScratchBuffer<uint32_t>& guide;
+
+  static CallScratch of_this_thread() {
+    // The slot groups of batches up to 2^24 slots; the per-group tables of up to ~2^18 groups.
+    static thread_local ScratchBuffer<int32_t> slot_group(size_t{64} << 20);
+    static thread_local ScratchBuffer<int64_t> chunk_next(size_t{16} << 20);
+    static thread_local ScratchBuffer<GroupPermutations> records(size_t{16} << 20);
+    static thread_local ScratchBuffer<int64_t> group_words(size_t{2} << 20);
+    static thread_local ScratchBuffer<uint32_t> guide(size_t{2} << 20);
+    return CallScratch{slot_group, chunk_next, records, group_words, guide};
+  }
+
+  ~CallScratch() {
+    slot_group.release();
+    chunk_next.release();
+    records.release();
+    group_words.release();
+    guide.release();
+  }
+};
+
+// The permutations of the epochs a call's positions fall in, made once per call for every group drawn (one or
+// two Philox calls per group), one cache line per group (GroupPermutations), shared by all threads. Positions
+// are kept as offsets from the first position of the epoch that holds cursor[g]; a group that passes through
+// more than two epochs in one call (fewer samples than draws) falls back to the per-thread cache.
+class PermutationTable {
+ public:
+  PermutationTable(const IndexView& index, const int64_t* cursor, const int64_t* totals, int64_t num_groups,
+                   CallScratch& scratch)
+      : index_(index) {
+    records_ = scratch.records.get(static_cast<size_t>(num_groups));
+    epoch_begin_ = scratch.group_words.get(static_cast<size_t>(num_groups));
     at::parallel_for(0, num_groups, 4096, [&](int64_t gb, int64_t ge) {
       for (int64_t g = gb; g < ge; ++g) {
         if (totals[g] <= 0) continue;  // never read
-        Entry& e = entries_[g];
-        e.start = index.ranges[2 * g];
-        e.size = static_cast<uint64_t>(index.ranges[2 * g + 1]);
-        const uint64_t epoch = static_cast<uint64_t>(cursor[g]) / e.size;
-        e.epoch_begin = epoch * e.size;
-        e.perm[0] = mixture::group_epoch_permutation(index.seed, static_cast<uint64_t>(g), epoch, e.size);
-        if (static_cast<uint64_t>(cursor[g] + totals[g]) > e.epoch_begin + e.size) {
-          e.perm[1] = mixture::group_epoch_permutation(index.seed, static_cast<uint64_t>(g), epoch + 1, e.size);
+        const uint64_t size = static_cast<uint64_t>(index.ranges[2 * g + 1]);
+        const uint64_t epoch = static_cast<uint64_t>(cursor[g]) / size;
+        GroupPermutations& record = records_[g];
+        const KeyedPermutation a =
+            mixture::group_epoch_permutation(index.seed, static_cast<uint64_t>(g), epoch, size);
+        const bool lanes = size > kSmallPermutationSize && size <= kSizeMask;
+        record.size_bits = lanes ? size | (static_cast<uint64_t>(a.left_bits + a.right_bits) << kSizeBitsShift) : 0;
+        record.start = index.ranges[2 * g];
+        set_key_pairs(a, record.key_pairs[0]);
+        if (static_cast<uint64_t>(cursor[g] + totals[g]) > (epoch + 1) * size) {
+          set_key_pairs(mixture::group_epoch_permutation(index.seed, static_cast<uint64_t>(g), epoch + 1, size),
+                        record.key_pairs[1]);
         }
+        epoch_begin_[g] = static_cast<int64_t>(epoch * size);
       }
     });
   }
 
-  void prefetch(int64_t group) const { __builtin_prefetch(&entries_[group]); }
-
-  // The permutation and offset of stream position `position` of `group` (a position of this call), and the
-  // group's first flat index; nullptr when the position is past the tabulated epochs.
-  __attribute__((always_inline)) const KeyedPermutation* find(int64_t group, int64_t position, uint64_t* offset,
-                                                              int64_t* start) const {
-    const Entry& e = entries_[group];
-    uint64_t o = static_cast<uint64_t>(position) - e.epoch_begin;
-    *start = e.start;
-    if (o < e.size) {
-      *offset = o;
-      return &e.perm[0];
-    }
-    if ((o -= e.size) < e.size) {
-      *offset = o;
-      return &e.perm[1];
-    }
-    return nullptr;
-  }
-
-  // Same value as IndexView::sample(cache, group, position), for a position of this call.
-  __attribute__((always_inline)) int64_t sample(PermutationCache& cache, int64_t group, int64_t position) const {
-    uint64_t offset;
-    int64_t start;
-    const KeyedPermutation* perm = find(group, position, &offset, &start);
-    if (perm == nullptr) return index_.sample(cache, group, position);
-    return flat_to_id(start + static_cast<int64_t>((*perm)(offset)));
-  }
-
+  const GroupPermutations* records() const { return records_; }
+  int64_t epoch_begin(int64_t g) const { return epoch_begin_[g]; }
+  void prefetch(int64_t group) const { __builtin_prefetch(records_ + group); }
+  // Into L2 only: a block's worth of records ahead would not fit L1 with everything else.
+  void prefetch_far(int64_t group) const { __builtin_prefetch(records_ + group, 0, 2); }
   int64_t flat_to_id(int64_t flat) const { return index_.csr != nullptr ? index_.csr[flat] : flat; }
+  bool csr() const { return index_.csr != nullptr; }
+
+  // The sample at offset o of group g, one slot at a time (the slots the lane kernel leaves: tiny or huge
+  // groups, and offsets past the tabulated epochs).
+  int64_t sample_one(PermutationCache& cache, int64_t g, uint64_t o) const {
+    const uint64_t size = static_cast<uint64_t>(index_.ranges[2 * g + 1]);
+    if (o < 2 * size) {  // epoch B is tabulated whenever the call reaches it
+      const uint64_t* pairs = records_[g].key_pairs[o < size ? 0 : 1];
+      const KeyedPermutation perm =
+          make_keyed_permutation(size, static_cast<uint32_t>(pairs[0]), static_cast<uint32_t>(pairs[0] >> 32),
+                                 static_cast<uint32_t>(pairs[1]), static_cast<uint32_t>(pairs[1] >> 32));
+      return flat_to_id(records_[g].start + static_cast<int64_t>(perm(o < size ? o : o - size)));
+    }
+    return index_.sample(cache, g, epoch_begin_[g] + static_cast<int64_t>(o));
+  }
 
  private:
-  struct alignas(64) Entry {
-    int64_t start;
-    uint64_t size;
-    uint64_t epoch_begin;  // first position of the epoch of perm[0]; perm[1] is the next epoch
-    KeyedPermutation perm[2];
-  };
+  static void set_key_pairs(const KeyedPermutation& perm, uint64_t* pairs) {
+    for (int r = 0; r < kFeistelRounds / 2; ++r) {
+      pairs[r] = perm.keys[2 * r] | (static_cast<uint64_t>(perm.keys[2 * r + 1]) << 32);
+    }
+  }
+
   const IndexView& index_;
-  std::vector<Entry> entries_;
+  GroupPermutations* records_;
+  int64_t* epoch_begin_;
 };
 
-// Writes the sample ids of a thread's slots in blocks: the Feistel permutations of a block are evaluated
-// together by the vectorised lane kernel; tiny groups (Fisher-Yates permutations) and positions past the
-// table's epochs are evaluated one by one. Call flush() after the last add().
+// Writes the sample ids and group ids of runs of consecutive slots in blocks: the Feistel permutations of a
+// block are evaluated together by the vectorised lane kernel; the slots it leaves (tiny or huge groups, offsets
+// past the table's epochs) are evaluated one by one.
 class SampleWriter {
  public:
-  SampleWriter(const GroupEpochTable& table, PermutationCache& cache, PermutationLanesKernel kernel,
-               int64_t* out_ids, int64_t* out_groups)
+  SampleWriter(const PermutationTable& table, PermutationCache& cache, SampleLanesKernel kernel, int64_t* out_ids,
+               int64_t* out_groups)
       : table_(table), cache_(cache), kernel_(kernel), out_ids_(out_ids), out_groups_(out_groups) {}
 
-  __attribute__((always_inline)) void add(int64_t out_index, int64_t group, int64_t position) {
-    out_groups_[out_index] = group;
-    uint64_t offset;
-    int64_t start;
-    const KeyedPermutation* perm = table_.find(group, position, &offset, &start);
-    if (perm == nullptr) {
-      out_ids_[out_index] = table_.sample(cache_, group, position);
-      return;
+  // Slots out_index .. out_index + n - 1 (n <= kPermutationLanes) take offset offsets[i] of group groups[i].
+  void write_block(int64_t out_index, const int32_t* groups, const uint64_t* offsets, int n) {
+    int64_t* ids = out_ids_ + out_index;
+    int64_t* out_groups = out_groups_ + out_index;
+    const int left = kernel_(table_.records(), groups, offsets, n, ids, left_over_);
+    for (int i = 0; i < n; ++i) out_groups[i] = groups[i];
+    if (table_.csr()) {
+      // The left-over slots' ids are not written yet: map the others, then fill those in.
+      for (int i = 0, k = 0; i < n; ++i) {
+        if (k < left && left_over_[k] == i) {
+          ++k;
+          continue;
+        }
+        ids[i] = table_.flat_to_id(ids[i]);
+      }
     }
-    if (perm->size <= kSmallPermutationSize) {
-      out_ids_[out_index] = table_.flat_to_id(start + static_cast<int64_t>((*perm)(offset)));
-      return;
+    for (int k = 0; k < left; ++k) {
+      const int i = left_over_[k];
+      ids[i] = table_.sample_one(cache_, groups[i], offsets[i]);
     }
-    const int i = count_;
-    lanes_.value[i] = offset;
-    lanes_.size[i] = perm->size;
-    lanes_.bits[i] = static_cast<uint64_t>(perm->left_bits + perm->right_bits);
-    for (int r = 0; r < kFeistelRounds; ++r) lanes_.key[r][i] = static_cast<uint64_t>(perm->keys[r]) << 32;
-    start_[i] = start;
-    out_index_[i] = out_index;
+  }
+
+  // One slot at a time (for loops that skip slots); call flush() after the last add().
+  void add(int64_t out_index, int64_t group, uint64_t offset) {
+    if (count_ > 0 && out_index != first_out_ + count_) flush();
+    if (count_ == 0) first_out_ = out_index;
+    group_[count_] = static_cast<int32_t>(group);
+    offset_[count_] = offset;
     if (++count_ == kPermutationLanes) flush();
   }
 
   void flush() {
-    if (count_ == 0) return;
-    kernel_(lanes_, count_);
-    for (int i = 0; i < count_; ++i) {
-      out_ids_[out_index_[i]] = table_.flat_to_id(start_[i] + static_cast<int64_t>(lanes_.value[i]));
-    }
+    if (count_ > 0) write_block(first_out_, group_, offset_, count_);
     count_ = 0;
   }
 
  private:
-  const GroupEpochTable& table_;
+  const PermutationTable& table_;
   PermutationCache& cache_;
-  PermutationLanesKernel kernel_;
+  SampleLanesKernel kernel_;
   int64_t* out_ids_;
   int64_t* out_groups_;
-  PermutationLanes lanes_;
-  int64_t start_[kPermutationLanes];
-  int64_t out_index_[kPermutationLanes];
+  int32_t group_[kPermutationLanes];
+  uint64_t offset_[kPermutationLanes];
+  int32_t left_over_[kPermutationLanes];
+  int64_t first_out_ = 0;
   int count_ = 0;
 };
 
-PermutationLanesKernel select_permutation_lanes_kernel() {
+SampleLanesKernel select_sample_lanes_kernel() {
   switch (cpu_capability()) {
-    case CpuCapability::AVX512: return &permutation_lanes_avx512;
-    case CpuCapability::AVX2: return &permutation_lanes_avx2;
-    default: return &permutation_lanes_default;
+    case CpuCapability::AVX512: return &sample_lanes_avx512;
+    case CpuCapability::AVX2: return &sample_lanes_avx2;
+    default: return &sample_lanes_default;
   }
 }
+
+// A worker thread's writing state for one call: its permutation cache and block writer, flushed when the
+// worker has run its last chunk.
+struct SampleWorker {
+  PermutationCache cache;
+  SampleWriter writer;
+  SampleWorker(const PermutationTable& table, int64_t num_groups, int64_t* ids, int64_t* groups)
+      : cache(num_groups), writer(table, cache, select_sample_lanes_kernel(), ids, groups) {}
+  ~SampleWorker() { writer.flush(); }
+};
 
 SlotRandomPairsKernel select_slot_random_kernel() {
   switch (cpu_capability()) {
@@ -216,19 +302,87 @@ SlotRandomPairsKernel select_slot_random_kernel() {
   }
 }
 
-
 constexpr int64_t kMinSlotsPerChunk = 8192;
+// Chunks of about this many slots, handed to threads as they finish the previous one: on a shared machine a
+// thread that loses its core for a while then delays the call by one chunk, not by its whole static share.
+constexpr int64_t kTargetSlotsPerChunk = 32768;
+constexpr int64_t kMaxChunks = 64;
 
-// Chunks of whole slot pairs (one Philox call serves two slots).
+// Chunks of whole slot pairs (one Philox call serves two slots). The split never changes the result.
 int64_t chunk_count(int64_t batch_size) {
-  const int64_t by_size = (batch_size + kMinSlotsPerChunk - 1) / kMinSlotsPerChunk;
-  return std::max<int64_t>(1, std::min<int64_t>(by_size, at::get_num_threads()));
+  const int64_t threads = at::get_num_threads();
+  const int64_t at_least = std::min<int64_t>(threads, (batch_size + kMinSlotsPerChunk - 1) / kMinSlotsPerChunk);
+  const int64_t by_size =
+      std::min<int64_t>(kMaxChunks, (batch_size + kTargetSlotsPerChunk - 1) / kTargetSlotsPerChunk);
+  return std::max<int64_t>(1, std::max(at_least, by_size));
 }
 
 int64_t chunk_begin(int64_t chunk, int64_t num_chunks, int64_t batch_size) {
   const int64_t pairs = (batch_size + 1) / 2;
   return std::min(batch_size, 2 * ((pairs * chunk) / num_chunks));
 }
+
+// Runs body(state, chunk) for every chunk, each worker thread taking the next chunk as it finishes one, with
+// one state per worker (made by make_state()); which thread runs a chunk never changes the result.
+template <typename MakeState, typename Body>
+void for_each_chunk(int64_t num_chunks, MakeState&& make_state, Body&& body) {
+  std::atomic<int64_t> next_chunk{0};
+  const int64_t workers = std::min<int64_t>(num_chunks, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    auto state = make_state();
+    for (int64_t c; (c = next_chunk.fetch_add(1, std::memory_order_relaxed)) < num_chunks;) body(*state, c);
+  });
+}
+
+// A finer guide than mixture_thresholds' (one bucket per group), made per call when the batch pays for it:
+// entry b is the group of bucket b's first value, with the top bit set when the bucket holds more than one
+// threshold. An unflagged bucket's values lie in its group or the next, so the draw is one comparison and no
+// search loop (whose trip count, 0, 1 or 2, is a coin flip a branch predictor loses).
+struct FineGuide {
+  static constexpr uint32_t kSearch = 0x80000000u;
+  const uint32_t* entries;
+  int shift;
+
+  // 16 buckets per group while the guide stays in L2 (up to 2^16 buckets); beyond that two per group. Never
+  // more buckets than B / 16: building the guide is O(buckets + K) per call.
+  static int bits_for(int64_t num_groups, int64_t batch_size) {
+    const int group_bits = bit_width_u64(static_cast<uint64_t>(num_groups - 1));
+    const int batch_bits = bit_width_u64(static_cast<uint64_t>(batch_size)) - 4;
+    const int wanted = group_bits <= 12 ? std::min(group_bits + 4, 16) : group_bits + 1;
+    return std::max(group_bits, std::min(wanted, batch_bits));
+  }
+
+  // Over values in [0, 2^value_bits) and a table whose last entry exceeds every value drawn.
+  static FineGuide build(const int64_t* cumulative, int64_t num_groups, int bits, int value_bits,
+                         uint32_t* entries) {
+    const int shift = value_bits - bits;
+    const int64_t buckets = int64_t{1} << bits;
+    const uint64_t* cum = reinterpret_cast<const uint64_t*>(cumulative);
+    int64_t g = 0;
+    for (int64_t b = 0; b < buckets; ++b) {
+      const uint64_t first = static_cast<uint64_t>(b) << shift;
+      const uint64_t last = first + ((uint64_t{1} << shift) - 1);
+      while (g < num_groups - 1 && cum[g + 1] <= first) ++g;
+      int64_t h = g;
+      while (h < num_groups - 1 && cum[h + 1] <= last) ++h;
+      entries[b] = static_cast<uint32_t>(g) | (h > g + 1 ? kSearch : 0u);
+    }
+    entries[buckets] = static_cast<uint32_t>(num_groups - 1);
+    return FineGuide{entries, shift};
+  }
+
+  // Same as mixture::group_of_value(value, cumulative, ...): the first g with cumulative[g + 1] > value.
+  __attribute__((always_inline)) int64_t group_of(uint64_t value, const int64_t* cumulative) const {
+    const uint64_t bucket = value >> shift;
+    const uint32_t e = entries[bucket];
+    const int64_t lo = static_cast<int64_t>(e & ~kSearch);
+    const int64_t g = lo + (static_cast<uint64_t>(cumulative[lo + 1]) <= value ? 1 : 0);
+    if (__builtin_expect((e & kSearch) != 0, 0)) {
+      return mixture::find_group(cumulative, lo, static_cast<int64_t>(entries[bucket + 1] & ~kSearch), value);
+    }
+    return g;
+  }
+};
 
 std::vector<int64_t> concat(std::vector<std::vector<int64_t>>& parts) {
   std::vector<int64_t> all;
@@ -257,13 +411,8 @@ std::vector<int64_t> sample_iid_round0(const mixture::SampleShape& shape, const 
   };
 
   int64_t num_chunks = chunk_count(batch);
-  // Reused across calls (up to 2^24 slots, 64 MB): a fresh B-sized buffer per call costs page faults comparable
-  // to the sampling itself. Larger one-off batches get their own buffer rather than pinning that memory.
-  static thread_local std::vector<int32_t> slot_group_buffer;
-  std::vector<int32_t> one_off_buffer;
-  std::vector<int32_t>& buffer = batch <= (int64_t{1} << 24) ? slot_group_buffer : one_off_buffer;
-  if (static_cast<int64_t>(buffer.size()) < batch) buffer.resize(batch);
-  int32_t* slot_group = buffer.data();
+  CallScratch scratch = CallScratch::of_this_thread();
+  int32_t* slot_group = scratch.slot_group.get(static_cast<size_t>(batch));
   std::vector<std::vector<int64_t>> pending(num_chunks);
 
   if (num_groups > 4 * batch) {
@@ -323,84 +472,179 @@ std::vector<int64_t> sample_iid_round0(const mixture::SampleShape& shape, const 
   }
 
   // Counting ranks: each chunk counts its slots per group; an exclusive scan over chunks turns the counts into
-  // the stream position each chunk's first slot of each group takes. O(chunks * K) memory, kept <= 4 B entries.
-  num_chunks = std::max<int64_t>(1, std::min<int64_t>(num_chunks, (4 * batch) / num_groups));
-  pending.resize(num_chunks);
-  std::vector<int64_t> chunk_next(static_cast<size_t>(num_chunks) * num_groups, 0);
+  // the offset (see PermutationTable) each chunk's first slot of each group takes. Chunks are limited to
+  // 2^19 counters in all (with large K every chunk's row is zeroed, scanned and randomly accessed: more chunks
+  // cost more than the finer load balance gains), but one chunk per thread is allowed up to 4 B counters.
+  const int64_t counter_budget = std::max<int64_t>(
+      std::min<int64_t>(at::get_num_threads(), (4 * batch) / num_groups), (int64_t{1} << 19) / num_groups);
+  num_chunks = std::max<int64_t>(1, std::min(num_chunks, counter_budget));
+  pending.assign(num_chunks, {});
+  // Rows padded to whole pairs of cache lines: threads count adjacent chunks at the same time, and a shared
+  // line would bounce between their caches on every increment.
+  const int64_t row = (num_groups + 15) & ~int64_t{15};
+  int64_t* chunk_next = scratch.chunk_next.get(static_cast<size_t>(num_chunks * row));
   const uint64_t* cumulative_u = reinterpret_cast<const uint64_t*>(cumulative);
   // Tables that stay in L1/L2 need no prefetching; it only costs instructions there.
   const bool large_tables = num_groups > 4096;
+  const int fine_bits = FineGuide::bits_for(num_groups, batch);
+  const bool use_fine_guide = fine_bits + shape.guide_shift > mixture::kThresholdBits;
+  const FineGuide fine =
+      use_fine_guide ? FineGuide::build(cumulative, num_groups, fine_bits, mixture::kThresholdBits,
+                                        scratch.guide.get((size_t{1} << fine_bits) + 1))
+                     : FineGuide{nullptr, 0};
   const SlotRandomPairsKernel slot_random_pairs = select_slot_random_kernel();
-  at::parallel_for(0, num_chunks, 1, [&](int64_t cb, int64_t ce) {
-    // Blocks of slots: all random numbers of a block first, with a prefetch of their guide buckets, so that
-    // the table look-ups of a large K overlap instead of stalling one after the other.
-    // The random words of a block come from the vectorised Philox kernel (chunks start on even slots).
+  // Large K: the guide, threshold and counter look-ups miss the caches. A three-stage software pipeline over
+  // blocks of slots: block b + 2's random words and a prefetch of their guide buckets, block b + 1's guide
+  // entries and a prefetch of their threshold and counter lines, block b's groups and counts; so every look-up
+  // was requested a whole block before it is used.
+  auto draw_large_k = [&](int64_t begin, int64_t end, int64_t* counts) {
     constexpr int kBlock = 2 * kSlotRandomBlockPairs;
-    uint64_t values[kBlock];
-    for (int64_t c = cb; c < ce; ++c) {
-      int64_t* counts = chunk_next.data() + c * num_groups;
-      const int64_t end = chunk_begin(c + 1, num_chunks, batch);
-      for (int64_t j0 = chunk_begin(c, num_chunks, batch); j0 < end; j0 += kBlock) {
+    uint64_t ring[3][kBlock];
+    int length[3] = {0, 0, 0};
+    auto bucket_group = [&](uint64_t value) -> int64_t {
+      return use_fine_guide ? fine.entries[value >> fine.shift] & ~FineGuide::kSearch
+                            : guide[value >> shape.guide_shift];
+    };
+    const int64_t blocks = (end - begin + kBlock - 1) / kBlock;
+    for (int64_t b = -2; b < blocks; ++b) {
+      if (b + 2 < blocks) {
+        const int64_t j0 = begin + (b + 2) * kBlock;
+        uint64_t* values = ring[(b + 2) % 3];
         const int n = static_cast<int>(std::min<int64_t>(kBlock, end - j0));
         slot_random_pairs(seed, step, 0, static_cast<uint64_t>(j0) >> 1, (n + 1) / 2, values);
         for (int i = 0; i < n; ++i) {
-          values[i] = mixture::threshold_value(values[i], cumulative, num_groups);
-          if (large_tables) __builtin_prefetch(guide + (values[i] >> shape.guide_shift));
+          values[i] >>= 2;  // cumulative[K] == 2^62, so threshold_value is a shift
+          __builtin_prefetch(use_fine_guide ? static_cast<const void*>(fine.entries + (values[i] >> fine.shift))
+                                            : static_cast<const void*>(guide + (values[i] >> shape.guide_shift)));
         }
-        if (large_tables) {
-          for (int i = 0; i < n; ++i) {
-            const int64_t lo_group = guide[values[i] >> shape.guide_shift];
-            __builtin_prefetch(cumulative_u + lo_group + 1);
-          }
+        length[(b + 2) % 3] = n;
+      }
+      if (b + 1 >= 0 && b + 1 < blocks) {
+        const uint64_t* values = ring[(b + 1) % 3];
+        for (int i = 0; i < length[(b + 1) % 3]; ++i) {
+          const int64_t lo_group = bucket_group(values[i]);
+          __builtin_prefetch(cumulative_u + lo_group + 1);
+          __builtin_prefetch(counts + lo_group, 1);
         }
-        for (int i = 0; i < n; ++i) {
-          const int64_t g =
-              mixture::group_of_value(values[i], cumulative, num_groups, guide, shape.guide_shift);
-          slot_group[j0 + i] = static_cast<int32_t>(g);
+      }
+      if (b >= 0) {
+        const uint64_t* values = ring[b % 3];
+        int32_t* groups = slot_group + begin + b * kBlock;
+        for (int i = 0; i < length[b % 3]; ++i) {
+          const int64_t g = use_fine_guide ? fine.group_of(values[i], cumulative)
+                                           : mixture::group_of_value(values[i], cumulative, num_groups, guide,
+                                                                     shape.guide_shift);
+          groups[i] = static_cast<int32_t>(g);
           ++counts[g];
         }
       }
     }
-  });
-  std::vector<int64_t> group_total(num_groups, 0);
-  for (int64_t c = 0; c < num_chunks; ++c) {
-    int64_t* next = chunk_next.data() + c * num_groups;
-    for (int64_t g = 0; g < num_groups; ++g) {
-      const int64_t n = next[g];
-      next[g] = cursor[g] + group_total[g];
-      group_total[g] += n;
+  };
+  struct NoState {};
+  for_each_chunk(
+      num_chunks, [] { return std::make_unique<NoState>(); },
+      [&](NoState&, int64_t c) {
+        // Blocks of slots: all random words of a block first (the vectorised Philox kernel; chunks start on even
+        // slots), then the groups.
+        constexpr int kBlock = 2 * kSlotRandomBlockPairs;
+        uint64_t values[kBlock];
+        int64_t* counts = chunk_next + c * row;
+        std::fill(counts, counts + num_groups, int64_t{0});
+        const int64_t begin = chunk_begin(c, num_chunks, batch);
+        const int64_t end = chunk_begin(c + 1, num_chunks, batch);
+        if (large_tables) {
+          draw_large_k(begin, end, counts);
+          return;
+        }
+        for (int64_t j0 = begin; j0 < end; j0 += kBlock) {
+          const int n = static_cast<int>(std::min<int64_t>(kBlock, end - j0));
+          slot_random_pairs(seed, step, 0, static_cast<uint64_t>(j0) >> 1, (n + 1) / 2, values);
+          int32_t* groups = slot_group + j0;
+          // cumulative[K] == 2^62, so threshold_value is a shift.
+          if (use_fine_guide) {
+            for (int i = 0; i < n; ++i) {
+              const int64_t g = fine.group_of(values[i] >> 2, cumulative);
+              groups[i] = static_cast<int32_t>(g);
+              ++counts[g];
+            }
+            continue;
+          }
+          for (int i = 0; i < n; ++i) {
+            const int64_t g = mixture::group_of_value(values[i] >> 2, cumulative, num_groups, guide,
+                                                      shape.guide_shift);
+            groups[i] = static_cast<int32_t>(g);
+            ++counts[g];
+          }
+        }
+      });
+  // Exclusive scan over chunks, per group, starting from the group's offset in its current epoch.
+  std::vector<int64_t> group_total(num_groups);
+  at::parallel_for(0, num_groups, 4096, [&](int64_t gb, int64_t ge) {
+    for (int64_t g = gb; g < ge; ++g) {
+      const int64_t size = index.ranges[2 * g + 1];
+      group_total[g] = size > 0 ? cursor[g] % size : 0;
     }
-  }
-  const GroupEpochTable table(index, cursor, group_total.data(), num_groups);
-  const PermutationLanesKernel permutation_lanes = select_permutation_lanes_kernel();
-  at::parallel_for(0, num_chunks, 1, [&](int64_t cb, int64_t ce) {
-    PermutationCache cache(shape.num_groups);
-    SampleWriter writer(table, cache, permutation_lanes, out_ids, out_groups);
-    // With large K the group's counter and table entry are cache misses (L3 or memory): fetch them far enough
-    // ahead to cover a memory latency at a few ns per slot; with small K the prefetches are cheap L1 hits.
-    constexpr int64_t kAhead = 24;
-    for (int64_t c = cb; c < ce; ++c) {
-      int64_t* next = chunk_next.data() + c * num_groups;
-      const int64_t begin = chunk_begin(c, num_chunks, batch);
-      const int64_t chunk_end = chunk_begin(c + 1, num_chunks, batch);
-      const int64_t end = shape.capped ? chunk_end : std::min(hi, chunk_end);
-      for (int64_t j = begin; j < end; ++j) {
-        if (j + kAhead < end) {
-          const int64_t ahead = slot_group[j + kAhead];
-          __builtin_prefetch(next + ahead);
-          if (j + kAhead >= lo) table.prefetch(ahead);
-        }
-        const int64_t g = slot_group[j];
-        const int64_t position = next[g]++;
-        if (shape.capped && position >= capacity[g]) {
-          pending[c].push_back(j);
-          continue;
-        }
-        if (j >= lo && j < hi) writer.add(j - lo, g, position);
+    for (int64_t c = 0; c < num_chunks; ++c) {
+      int64_t* next = chunk_next + c * row;
+      for (int64_t g = gb; g < ge; ++g) {
+        const int64_t n = next[g];
+        next[g] = group_total[g];
+        group_total[g] += n;
       }
     }
-    writer.flush();
+    for (int64_t g = gb; g < ge; ++g) {
+      const int64_t size = index.ranges[2 * g + 1];
+      group_total[g] -= size > 0 ? cursor[g] % size : 0;
+    }
   });
+  const PermutationTable table(index, cursor, group_total.data(), num_groups, scratch);
+  for_each_chunk(
+      num_chunks,
+      [&] { return std::make_unique<SampleWorker>(table, num_groups, out_ids, out_groups); },
+      [&](SampleWorker& worker, int64_t c) {
+        // With large K the group's counter and record are cache misses (L3 or memory): fetch them far enough
+        // ahead to cover a memory latency. The records are read a block later than the counters (by the lane
+        // kernel, which waits on all of a gather's loads at once), so they are fetched a block further ahead.
+        constexpr int64_t kCounterAhead = 96;
+        constexpr int64_t kRecordAhead = kCounterAhead + kPermutationLanes;
+        int64_t* next = chunk_next + c * row;
+        const int64_t begin = chunk_begin(c, num_chunks, batch);
+        const int64_t chunk_end = chunk_begin(c + 1, num_chunks, batch);
+        auto prefetch = [&](int64_t j, int64_t end) {
+          if (!large_tables) return;
+          if (j + kCounterAhead < end) __builtin_prefetch(next + slot_group[j + kCounterAhead], 1);
+          if (j + kRecordAhead < end) table.prefetch_far(slot_group[j + kRecordAhead]);
+        };
+        if (shape.capped) {
+          for (int64_t j = begin; j < chunk_end; ++j) {
+            prefetch(j, chunk_end);
+            const int64_t g = slot_group[j];
+            const int64_t offset = next[g]++;
+            if (table.epoch_begin(g) + offset >= capacity[g]) {
+              pending[c].push_back(j);
+              continue;
+            }
+            if (j >= lo && j < hi) worker.writer.add(j - lo, g, static_cast<uint64_t>(offset));
+          }
+          return;
+        }
+        // Slots before this rank's slice only advance the counters; the slice's slots go in blocks.
+        const int64_t from = std::max(begin, lo), to = std::min(chunk_end, hi);
+        for (int64_t j = begin; j < std::min(from, chunk_end); ++j) {
+          prefetch(j, chunk_end);
+          ++next[slot_group[j]];
+        }
+        uint64_t offsets[kPermutationLanes];
+        for (int64_t j0 = from; j0 < to; j0 += kPermutationLanes) {
+          const int n = static_cast<int>(std::min<int64_t>(kPermutationLanes, to - j0));
+          const int32_t* groups = slot_group + j0;
+          for (int i = 0; i < n; ++i) {
+            prefetch(j0 + i, to);
+            offsets[i] = static_cast<uint64_t>(next[groups[i]]++);
+          }
+          worker.writer.write_block(j0 - lo, groups, offsets, n);
+        }
+      });
   for (int64_t g = 0; g < num_groups; ++g) {
     cursor[g] += shape.capped ? std::min(group_total[g], remaining[g]) : group_total[g];
   }
@@ -424,77 +668,86 @@ std::vector<int64_t> sample_systematic_round0(const mixture::SampleShape& shape,
     remaining.resize(num_groups);
     for (int64_t g = 0; g < num_groups; ++g) remaining[g] = capacity[g] - cursor[g];
   }
+  CallScratch scratch = CallScratch::of_this_thread();
   // A guide over the group-major list (bucket of entry q -> first candidate group), like the threshold guide
-  // of the i.i.d. draws: O(1) expected search steps and a small table, where a binary search over K would stall
-  // on dependent loads. Same result as mixture::find_group over the whole table (what the CUDA kernel does).
+  // of the i.i.d. draws: O(1) steps and a small table, where a binary search over K would stall on dependent
+  // loads. Same result as mixture::find_group over the whole table (what the CUDA kernel does).
   const int entry_bits = bit_width_u64(static_cast<uint64_t>(batch - 1));
-  const int bucket_bits = std::min(entry_bits, bit_width_u64(static_cast<uint64_t>(num_groups - 1)));
-  const int bucket_shift = entry_bits - bucket_bits;
-  const int64_t buckets = int64_t{1} << bucket_bits;
-  std::vector<int32_t> entry_guide(buckets + 1);
-  {
-    int64_t g = 0;
-    for (int64_t b = 0; b < buckets; ++b) {
-      const int64_t point = b << bucket_shift;
-      while (g < num_groups - 1 && slot_counts[g + 1] <= point) ++g;
-      entry_guide[b] = static_cast<int32_t>(g);
-    }
-    entry_guide[buckets] = static_cast<int32_t>(num_groups - 1);
+  const int guide_bits = std::min(entry_bits, FineGuide::bits_for(num_groups, batch));
+  const FineGuide guide = FineGuide::build(slot_counts.data(), num_groups, guide_bits, entry_bits,
+                                           scratch.guide.get((size_t{1} << guide_bits) + 1));
+  // The slot order is one keyed permutation of [0, B): evaluated a block at a time by the lane kernel, as the
+  // one group of a one-record table (batches of <= kSmallPermutationSize slots are left to the scalar code).
+  GroupPermutations order_record{};
+  order_record.size_bits = static_cast<uint64_t>(batch) > kSmallPermutationSize
+                               ? static_cast<uint64_t>(batch) |
+                                     (static_cast<uint64_t>(order.left_bits + order.right_bits) << kSizeBitsShift)
+                               : 0;
+  for (int r = 0; r < kFeistelRounds / 2; ++r) {
+    order_record.key_pairs[0][r] = order.keys[2 * r] | (static_cast<uint64_t>(order.keys[2 * r + 1]) << 32);
   }
   const bool large_tables = num_groups > 4096;
   std::vector<int64_t> group_total(num_groups);
   for (int64_t g = 0; g < num_groups; ++g) group_total[g] = slot_counts[g + 1] - slot_counts[g];
-  const GroupEpochTable table(index, cursor, group_total.data(), num_groups);
+  const PermutationTable table(index, cursor, group_total.data(), num_groups, scratch);
   const int64_t num_chunks = chunk_count(batch);
   std::vector<std::vector<int64_t>> pending(num_chunks);
-  const PermutationLanesKernel permutation_lanes = select_permutation_lanes_kernel();
-  at::parallel_for(0, num_chunks, 1, [&](int64_t cb, int64_t ce) {
-    PermutationCache cache(shape.num_groups);
-    SampleWriter writer(table, cache, permutation_lanes, out_ids, out_groups);
-    for (int64_t c = cb; c < ce; ++c) {
-      const int64_t begin = chunk_begin(c, num_chunks, batch);
-      const int64_t end = chunk_begin(c + 1, num_chunks, batch);
-      const int64_t from = shape.capped ? begin : std::max(begin, lo);
-      const int64_t to = shape.capped ? end : std::min(end, hi);
-      // Blocks of slots in stages (entries, then groups, then samples), each stage prefetching what the next
-      // one reads, so that with large K the table look-ups of a block overlap.
-      constexpr int kBlock = 32;
-      int64_t entry[kBlock];
-      int64_t group[kBlock];
-      for (int64_t j0 = from; j0 < to; j0 += kBlock) {
-        const int n = static_cast<int>(std::min<int64_t>(kBlock, to - j0));
-        for (int i = 0; i < n; ++i) {
-          entry[i] = static_cast<int64_t>(order(static_cast<uint64_t>(j0 + i)));
-          if (large_tables) __builtin_prefetch(entry_guide.data() + (entry[i] >> bucket_shift));
-        }
-        if (large_tables) {
-          for (int i = 0; i < n; ++i) {
-            __builtin_prefetch(slot_counts.data() + entry_guide[entry[i] >> bucket_shift] + 1);
-          }
-        }
-        for (int i = 0; i < n; ++i) {
-          const int64_t bucket = entry[i] >> bucket_shift;
-          group[i] = mixture::find_group(slot_counts.data(), entry_guide[bucket], entry_guide[bucket + 1],
-                                         static_cast<uint64_t>(entry[i]));
+  const SampleLanesKernel sample_lanes = select_sample_lanes_kernel();
+  static const int32_t kGroupZero[kPermutationLanes] = {};
+  for_each_chunk(
+      num_chunks,
+      [&] { return std::make_unique<SampleWorker>(table, num_groups, out_ids, out_groups); },
+      [&](SampleWorker& worker, int64_t c) {
+        const int64_t begin = chunk_begin(c, num_chunks, batch);
+        const int64_t end = chunk_begin(c + 1, num_chunks, batch);
+        const int64_t from = shape.capped ? begin : std::max(begin, lo);
+        const int64_t to = shape.capped ? end : std::min(end, hi);
+        // Blocks of slots in stages (entries, then groups, then samples), each stage prefetching what the next
+        // one reads, so that with large K the table look-ups of a block overlap.
+        constexpr int kBlock = kPermutationLanes;
+        uint64_t position[kBlock];
+        int64_t entry[kBlock];
+        int32_t group[kBlock];
+        uint64_t offset[kBlock];
+        int32_t left_over[kBlock];
+        for (int64_t j0 = from; j0 < to; j0 += kBlock) {
+          const int n = static_cast<int>(std::min<int64_t>(kBlock, to - j0));
+          for (int i = 0; i < n; ++i) position[i] = static_cast<uint64_t>(j0 + i);
+          const int left = sample_lanes(&order_record, kGroupZero, position, n, entry, left_over);
+          for (int k = 0; k < left; ++k) entry[left_over[k]] = static_cast<int64_t>(order(position[left_over[k]]));
           if (large_tables) {
-            __builtin_prefetch(cursor + group[i]);
-            table.prefetch(group[i]);
+            for (int i = 0; i < n; ++i) __builtin_prefetch(guide.entries + (entry[i] >> guide.shift));
+            for (int i = 0; i < n; ++i) {
+              const uint32_t lo_group = guide.entries[entry[i] >> guide.shift] & ~FineGuide::kSearch;
+              __builtin_prefetch(slot_counts.data() + lo_group + 1);
+            }
           }
-        }
-        for (int i = 0; i < n; ++i) {
-          const int64_t j = j0 + i;
-          const int64_t g = group[i];
-          const int64_t k = entry[i] - slot_counts[g];
-          if (shape.capped && k >= remaining[g]) {
-            pending[c].push_back(j);
+          for (int i = 0; i < n; ++i) {
+            group[i] = static_cast<int32_t>(guide.group_of(static_cast<uint64_t>(entry[i]), slot_counts.data()));
+            if (large_tables) {
+              __builtin_prefetch(cursor + group[i]);
+              table.prefetch(group[i]);
+            }
+          }
+          for (int i = 0; i < n; ++i) {
+            const int64_t g = group[i];
+            offset[i] = static_cast<uint64_t>(cursor[g] + (entry[i] - slot_counts[g]) - table.epoch_begin(g));
+          }
+          if (!shape.capped) {
+            worker.writer.write_block(j0 - lo, group, offset, n);
             continue;
           }
-          if (j >= lo && j < hi) writer.add(j - lo, g, cursor[g] + k);
+          for (int i = 0; i < n; ++i) {
+            const int64_t j = j0 + i;
+            const int64_t g = group[i];
+            if (entry[i] - slot_counts[g] >= remaining[g]) {
+              pending[c].push_back(j);
+              continue;
+            }
+            if (j >= lo && j < hi) worker.writer.add(j - lo, g, offset[i]);
+          }
         }
-      }
-    }
-    writer.flush();
-  });
+      });
   for (int64_t g = 0; g < num_groups; ++g) {
     const int64_t count = slot_counts[g + 1] - slot_counts[g];
     cursor[g] += shape.capped ? std::min(count, remaining[g]) : count;
