@@ -119,6 +119,15 @@ def config_from_args(args, **overrides):
     return TrainConfig(**values)
 
 
+def _explicit_settings(args):
+    """Names of the TrainConfig fields that the command line or its --config file set."""
+    from .train.config import FIELDS, load_config_file
+    given = {name for name in FIELDS if getattr(args, name, None) is not None}
+    if args.config:
+        given |= set(load_config_file(args.config))
+    return given
+
+
 def _seeds(text):
     seeds = []
     try:
@@ -236,7 +245,7 @@ def main(argv=None):
                 raise RunError(f"--jobs must be >= 1, got {args.jobs}")
             cfg = config_from_args(args, **({} if args.out else {"out": os.path.join("runs", "study")}))
             study(cfg, settings, args.methods, args.seeds, jobs=args.jobs, out=cfg.out, results=args.results,
-                  resume=args.resume)
+                  resume=args.resume, explicit=_explicit_settings(args))
             print(f"written: {args.results}/study.md and study_<setting>.json/.csv/.md/.png")
             return 0
     except (RunError, ValueError, FileNotFoundError) as exc:

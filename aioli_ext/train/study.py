@@ -16,11 +16,21 @@ SETTINGS = {
     "full": ["code", "headers", "docs", "legal", "records", "dupes", "noise"],
 }
 
+# Aioli settings chosen per setting on validation loss of the tuning seeds 100 and 101 (never on test; tables in
+# bench/results/tune_*.md). They apply unless the study's flags or config file set the same key.
+TUNED = {
+    "two": {},
+    "three": {},
+    "full": {"one_hot": 0.3},
+}
 
-def study(base, settings, methods, seeds, *, jobs, out, results, resume, progress=True):
+
+def study(base, settings, methods, seeds, *, jobs, out, results, resume, progress=True, explicit=()):
+    """``explicit``: names of settings the user gave (flags or config file); TUNED never overrides them."""
     os.makedirs(results, exist_ok=True)
     for name in settings:
-        cfg = base.replace(groups=list(SETTINGS[name]))
+        tuned = {key: value for key, value in TUNED[name].items() if key not in explicit}
+        cfg = base.replace(groups=list(SETTINGS[name]), **tuned)
         folder = os.path.join(out, name)
         title = f"{name}: {' + '.join(SETTINGS[name])}"
         compare(cfg, methods, seeds, jobs=jobs, out=folder, resume=resume, progress=progress, title=title)
