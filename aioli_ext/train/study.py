@@ -20,7 +20,7 @@ SETTINGS = {
 # bench/results/tune_*.md). They apply unless the study's flags or config file set the same key.
 TUNED = {
     "two": {},
-    "three": {},
+    "three": {"one_hot": 0.4},
     "full": {"one_hot": 0.3},
 }
 
