@@ -221,13 +221,21 @@ def _forward_with_unit_grads(hidden, weight, bias, targets, row_groups, num_grou
         loss[start:stop] = result.loss
         sums += result.group_sums
         counts += result.token_counts
-        if need_grad_hidden:
-            torch.mm(grad_rows, weight, out=grad_hidden[start:stop])
-        if need_grad_weight:
-            _accumulate_weight_grad(grad_weight, grad_rows, hidden_rows)
-        if need_grad_bias:
-            grad_bias += grad_rows.sum(0, dtype=acc)
+        _chunk_backward(grad_rows, hidden_rows, weight, grad_hidden if need_grad_hidden else None,
+                        grad_weight if need_grad_weight else None, grad_bias if need_grad_bias else None,
+                        start, stop)
     return loss, sums.to(acc), counts, grad_hidden, grad_weight, grad_bias
+
+
+def _chunk_backward(grad_rows, hidden_rows, weight, grad_hidden, grad_weight, grad_bias, start, stop):
+    """Push one chunk's logits gradient [rows, V] through the LM head into whichever gradients are wanted
+    (None = not wanted): grad_hidden rows [start, stop) are written, grad_weight and grad_bias accumulated."""
+    if grad_hidden is not None:
+        torch.mm(grad_rows, weight, out=grad_hidden[start:stop])
+    if grad_weight is not None:
+        _accumulate_weight_grad(grad_weight, grad_rows, hidden_rows)
+    if grad_bias is not None:
+        grad_bias += grad_rows.sum(0, dtype=grad_bias.dtype)
 
 
 def _recompute_gradients(coef, hidden, weight, bias, targets, ignore_index, chunk_size, need_grad_hidden,
@@ -257,12 +265,7 @@ def _recompute_gradients(coef, hidden, weight, bias, targets, ignore_index, chun
         grad_rows = group_cross_entropy_fused(logits, targets[start:stop], row_index[:count], count,
                                               group_weights=coef[start:stop], normalize="none",
                                               ignore_index=ignore_index, inplace=True).grad
-        if need_grad_hidden:
-            torch.mm(grad_rows, weight, out=grad_hidden[start:stop])
-        if need_grad_weight:
-            _accumulate_weight_grad(grad_weight, grad_rows, hidden_rows)
-        if need_grad_bias:
-            grad_bias += grad_rows.sum(0, dtype=acc)
+        _chunk_backward(grad_rows, hidden_rows, weight, grad_hidden, grad_weight, grad_bias, start, stop)
     return grad_hidden, grad_weight, grad_bias
 
 
