@@ -91,6 +91,23 @@ def test_resume_refuses_other_settings(corpus, tmp_path):
         train(cfg)
 
 
+def test_resume_of_a_finished_run_returns_it_only_for_the_same_settings(corpus, tmp_path):
+    cfg = tiny(corpus, tmp_path / "run")
+    whole = train(cfg)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    # The same settings: the stored result, without training again (run-control fields may change).
+    again = train(cfg.replace(threads=2, progress=False), resume=True)
+    _same_run(whole, again)
+    # Other numbers-changing settings: refused, and the stored result is left as it was.
+    before = (tmp_path / "run" / "result.json").read_bytes()
+    with pytest.raises(RunError, match=r"result.json was made with other settings \(eta: 0.3 -> 0.5\)"):
+        train(cfg.replace(eta=0.5), resume=True)
+    assert (tmp_path / "run" / "result.json").read_bytes() == before
+    (tmp_path / "run" / "result.json").write_text("{not json")
+    with pytest.raises(RunError, match=r"--resume: cannot read .*result.json"):
+        train(cfg, resume=True)
+
+
 def test_killed_process_resumes_to_the_same_numbers(corpus, tmp_path):
     args = ["--corpus", corpus, "--context", "16", "--d-model", "16", "--layers", "1", "--heads", "2",
             "--batch", "8", "--steps", "40", "--warmup", "2", "--update-steps", "12", "--lp-sweeps", "1",

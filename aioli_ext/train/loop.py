@@ -158,17 +158,23 @@ class Run:
                 "sampler": self.sampler.state_dict(), "mixer": self.mixer.state_dict(),
                 "torch_rng": torch.get_rng_state(), "history": self.history, "world_size": self.world_size}
 
+    def check_same_run(self, settings, fingerprint, where):
+        """A checkpoint or a finished result may only be resumed with the settings and corpus that made it."""
+        # Compared as JSON values: a result file holds lists where the config may hold tuples.
+        ours = json.loads(json.dumps(self.cfg.numeric_settings()))
+        settings = json.loads(json.dumps(settings))
+        changed = sorted(k for k in ours if settings.get(k) != ours[k])
+        if changed:
+            detail = ", ".join(f"{k}: {settings.get(k)!r} -> {ours[k]!r}" for k in changed)
+            raise RunError(f"--resume: {where} was made with other settings ({detail}); resume with the same "
+                           f"settings or start a new run (--overwrite)")
+        if fingerprint != self.store.manifest.get("fingerprint"):
+            raise RunError(f"--resume: {where} was made on another corpus (fingerprint differs)")
+
     def load_state_dict(self, state, where):
         if state.get("format") != "aioli_ext-train-checkpoint":
             raise RunError(f"{where} is not a training checkpoint")
-        settings = self.cfg.numeric_settings()
-        changed = sorted(k for k in settings if state["settings"].get(k) != settings[k])
-        if changed:
-            detail = ", ".join(f"{k}: {state['settings'].get(k)!r} -> {settings[k]!r}" for k in changed)
-            raise RunError(f"--resume: {where} was made with other settings ({detail}); resume with the same "
-                           f"settings or start a new run (--overwrite)")
-        if state["corpus_fingerprint"] != self.store.manifest.get("fingerprint"):
-            raise RunError(f"--resume: {where} was made on another corpus (fingerprint differs)")
+        self.check_same_run(state["settings"], state["corpus_fingerprint"], where)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.sampler.load_state_dict(state["sampler"])
@@ -231,8 +237,17 @@ def _train(cfg, device, resume, overwrite, stop_at_step, progress, callback):
             raise RunError(f"--resume: cannot read {checkpoint!r}: {exc}") from None
         run.load_state_dict(state, checkpoint)
     elif os.path.isfile(os.path.join(cfg.out, RESULT)):
-        with open(os.path.join(cfg.out, RESULT)) as handle:
-            return json.load(handle)
+        # A finished run: its result stands for this resume only if the same settings made it (compare --resume
+        # with changed flags must not report the old numbers as new ones).
+        path = os.path.join(cfg.out, RESULT)
+        try:
+            with open(path) as handle:
+                result = json.load(handle)
+            stored = result["settings"], result["corpus_fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise RunError(f"--resume: cannot read {path!r}: {exc}") from None
+        run.check_same_run(*stored, path)
+        return result
     os.makedirs(cfg.out, exist_ok=True)
     torch.set_num_threads(cfg.threads)
     show = (cfg.progress if progress is None else progress) and main
