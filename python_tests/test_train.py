@@ -103,6 +103,12 @@ def test_resume_of_a_finished_run_returns_it_only_for_the_same_settings(corpus, 
     with pytest.raises(RunError, match=r"result.json was made with other settings \(eta: 0.3 -> 0.5\)"):
         train(cfg.replace(eta=0.5), resume=True)
     assert (tmp_path / "run" / "result.json").read_bytes() == before
+    # Another method's mixer settings do not change a stratified run's numbers, so they do not block a resume.
+    strat = tiny(corpus, tmp_path / "strat", method="stratified")
+    first = train(strat)
+    _same_run(first, train(strat.replace(one_hot=0.5, eta=2.0, lp_steps=3), resume=True))
+    with pytest.raises(RunError, match=r"other settings \(lr: "):
+        train(strat.replace(lr=1e-3), resume=True)
     (tmp_path / "run" / "result.json").write_text("{not json")
     with pytest.raises(RunError, match=r"--resume: cannot read .*result.json"):
         train(cfg, resume=True)

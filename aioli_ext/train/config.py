@@ -14,6 +14,17 @@ from typing import List, Optional
 from ..mixing.lmo import OBJECTIVES
 
 METHODS = ("aioli", "stratified", "static", "skillit", "doremi")
+# The TrainConfig fields each method's mixer reads (build_mixer in loop.py).
+METHOD_SETTINGS = {
+    "aioli": ("update_steps", "rounds", "lp_sweeps", "lp_steps", "one_hot", "eta", "ema", "diagonal", "objective",
+              "prior", "prior_steps"),
+    "stratified": (),
+    "static": ("proportions",),
+    "skillit": ("update_steps", "rounds", "skills_graph", "skillit_eta", "skillit_window"),
+    "doremi": ("update_steps", "rounds", "reference_losses", "reference_run", "doremi_step_size",
+               "doremi_smoothing"),
+}
+MIXER_SETTINGS = {name for names in METHOD_SETTINGS.values() for name in names}
 
 
 @dataclass
@@ -82,10 +93,12 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
     # Settings that change the numbers a run produces; run-control fields (output folder, progress bar,
-    # thread count, checkpoint frequency, device) do not (beyond float rounding), so a resume may change them.
+    # thread count, checkpoint frequency, device) do not (beyond float rounding), so a resume may change them,
+    # and neither do the settings of the other methods' mixers (a stratified run's one_hot is unused).
     # The number of processes is not a setting at all: batch is the global batch, whatever the world size.
     def numeric_settings(self):
         skip = {"out", "progress", "threads", "checkpoint_every", "corpus", "device"}
+        skip |= MIXER_SETTINGS - set(METHOD_SETTINGS[self.method])
         return {k: v for k, v in self.to_dict().items() if k not in skip}
 
 
