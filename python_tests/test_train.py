@@ -96,10 +96,11 @@ def test_resume_of_a_finished_run_returns_it_only_for_the_same_settings(corpus, 
     whole = train(cfg)
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
     # The same settings: the stored result, without training again (run-control fields may change).
+    before = (tmp_path / "run" / "result.json").read_bytes()
     again = train(cfg.replace(threads=2, progress=False), resume=True)
     _same_run(whole, again)
+    assert (tmp_path / "run" / "result.json").read_bytes() == before
     # Other numbers-changing settings: refused, and the stored result is left as it was.
-    before = (tmp_path / "run" / "result.json").read_bytes()
     with pytest.raises(RunError, match=r"result.json was made with other settings \(eta: 0.3 -> 0.5\)"):
         train(cfg.replace(eta=0.5), resume=True)
     assert (tmp_path / "run" / "result.json").read_bytes() == before
