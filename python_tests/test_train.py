@@ -280,3 +280,12 @@ def test_config_file_sets_every_aioli_setting_and_flags_win(corpus, tmp_path):
     path.write_text(json.dumps({"etta": 1}))
     with pytest.raises(ValueError, match=r"unknown settings \['etta'\]"):
         config_from_args(build_parser().parse_args(["train", "--config", str(path)]))
+
+
+def test_method_settings_name_config_fields_and_every_method():
+    from aioli_ext.train.config import FIELDS, METHOD_SETTINGS, METHODS
+    assert set(METHOD_SETTINGS) == set(METHODS)
+    for method, names in METHOD_SETTINGS.items():
+        assert set(names) <= set(FIELDS), (method, set(names) - set(FIELDS))
+        kept = TrainConfig(method=method).numeric_settings()
+        assert set(names) <= set(kept)
