@@ -292,10 +292,39 @@ def _step_statistics(run, per_token, group_ids):
     return float(total[0]) / per_token.numel() / run.world_size, total[1:].round().to(torch.int64).tolist()
 
 
+def train_step(run, step, counts):
+    """One optimizer step of ``run`` at ``step`` (its learning rate) on a batch drawn from ``run.sampler``.
+
+    counts: int64 [m] samples per group, summing to ``cfg.batch`` (the global batch). Returns (per-token losses
+    float32 [batch / world_size, context], group ids int64 [batch / world_size]) of this rank's slice.
+    """
+    cfg, model, optimizer = run.cfg, run.train_model, run.optimizer
+    # Exact counts as weights: the systematic allocation then realises them slot for slot.
+    sample_ids, group_ids = run.sampler.sample(cfg.batch, counts.to(torch.float64))
+    inputs, targets, _ = run.train_windows.batch(sample_ids)
+    if run.device.type != "cpu":
+        inputs, targets, group_ids = (t.to(run.device, non_blocking=True) for t in (inputs, targets, group_ids))
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    hidden = model(inputs)
+    per_token, _, _ = group_linear_cross_entropy(hidden, run.model.lm_head.weight, targets, group_ids,
+                                                 run.num_groups)
+    # The objective is the token mean over the global batch. Each rank's slice holds the same number of
+    # tokens (batch / world_size full windows), so its own mean is world_size times its share of that
+    # objective, and DDP's average over ranks gives exactly the gradient of the global mean.
+    loss = per_token.mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip > 0:
+        # The gradients are already averaged, so this is the norm of the global batch's gradient.
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    return per_token, group_ids
+
+
 def _loop(run, stop_at_step, bar, callback):
     cfg, mixer, history = run.cfg, run.mixer, run.history
-    model, optimizer, sampler = run.train_model, run.optimizer, run.sampler
-    model.train()
+    run.train_model.train()
     cache = {}
     smoothed = None
     while run.step < cfg.steps:
@@ -308,26 +337,7 @@ def _loop(run, stop_at_step, bar, callback):
             history["val_curve"].append({"step": step, "losses": _evaluate(run, step, cache).tolist()})
         tick = time.perf_counter()
         counts = mixer.group_counts(step, cfg.batch)
-        # Exact counts as weights: the systematic allocation then realises them slot for slot.
-        sample_ids, group_ids = sampler.sample(cfg.batch, counts.to(torch.float64))
-        inputs, targets, _ = run.train_windows.batch(sample_ids)
-        if run.device.type != "cpu":
-            inputs, targets, group_ids = (t.to(run.device, non_blocking=True) for t in (inputs, targets, group_ids))
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        hidden = model(inputs)
-        per_token, _, _ = group_linear_cross_entropy(hidden, run.model.lm_head.weight, targets, group_ids,
-                                                     run.num_groups)
-        # The objective is the token mean over the global batch. Each rank's slice holds the same number of
-        # tokens (batch / world_size full windows), so its own mean is world_size times its share of that
-        # objective, and DDP's average over ranks gives exactly the gradient of the global mean.
-        loss = per_token.mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            # The gradients are already averaged, so this is the norm of the global batch's gradient.
-            torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        per_token, group_ids = train_step(run, step, counts)
         history["train_seconds"] += time.perf_counter() - tick
         value, drawn = _step_statistics(run, per_token, group_ids)
         history["train_loss"].append(value)
