@@ -79,10 +79,12 @@ def measure(run, evaluators, *, one_hot, lp_steps, replicates, seed):
     return drops
 
 
-def measure_rounds(run, evaluate, *, one_hot, lp_steps, sweeps, replicates, seed):
+def measure_rounds(run, evaluate, *, one_hot, lp_steps, sweeps, replicates, seed, paired=False):
     """Aioli's own LearnParams, repeated from ``run``'s state: ``sweeps`` sweeps over the groups in a random order,
     each sub-phase ``lp_steps`` steps, its drop measured from the previous evaluation (so a sub-phase starts
-    where the last one ended, with the optimizer's momentum of the earlier ones). Returns the round's
+    where the last one ended, with the optimizer's momentum of the earlier ones). ``paired``: every sub-phase
+    of a sweep draws the same examples of each group (the sampler is rewound to the sweep's start), so the
+    columns of one sweep differ by the mixture, not by which examples were drawn. Returns the round's
     B = summed drops / sweeps, float64 [replicate, i, j]."""
     state = copy.deepcopy({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict()})
     m, start = run.num_groups, run.step
@@ -95,7 +97,10 @@ def measure_rounds(run, evaluate, *, one_hot, lp_steps, sweeps, replicates, seed
         run.train_model.train()
         last, step = evaluate(), start
         for _ in range(sweeps):
+            sweep_start = copy.deepcopy(run.sampler.state_dict())
             for j in torch.randperm(m, generator=orders).tolist():
+                if paired:
+                    run.sampler.load_state_dict(copy.deepcopy(sweep_start))
                 counts = phase_group_counts(smoothed_one_hot(m, j, one_hot), lp_steps, run.cfg.batch)
                 for t in range(lp_steps):
                     train_step(run, step, counts[t])
@@ -177,12 +182,12 @@ def main(argv=None):
                 found = summarise(drops, lp_steps, subsets, run.groups)
             else:
                 drops, found = [], []
-                for s in lp_steps:
+                for s, paired in [(s, paired) for s in lp_steps for paired in (False, True)]:
                     b = measure_rounds(run, small, one_hot=args.one_hot, lp_steps=s, sweeps=args.sweeps,
-                                       replicates=args.replicates, seed=args.seed)
+                                       replicates=args.replicates, seed=args.seed, paired=paired)
                     columns = b.sum(dim=1)
-                    found.append({"lp_steps": s, "subset": f"round of {args.sweeps} sweeps, val "
-                                  f"{cfg.eval_windows}/group", "mean": b.mean(0).tolist(), "sd": b.std(0).tolist(),
+                    found.append({"lp_steps": s, "subset": f"round of {args.sweeps} {'paired ' if paired else ''}"
+                                  f"sweeps, val {cfg.eval_windows}/group", "mean": b.mean(0).tolist(), "sd": b.std(0).tolist(),
                                   "column_mean": columns.mean(0).tolist(), "column_sd": columns.std(0).tolist(),
                                   "pairs": pair_snr(columns, run.groups)})
                     drops.append(b.tolist())

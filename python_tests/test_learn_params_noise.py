@@ -51,6 +51,11 @@ def test_repeated_rounds_are_reproducible_and_leave_the_state(corpus, tmp_path):
         assert torch.equal(value, weights[key]), key
     # Replicates draw different batches (and sweep orders), so their rounds differ.
     assert not torch.equal(first[0], first[1])
+    # Paired sweeps rewind the sampler for every sub-phase: other batches, and just as reproducible.
+    paired = [learn_params_noise.measure_rounds(run, evaluate, one_hot=0.6, lp_steps=2, sweeps=2, replicates=2,
+                                                seed=3, paired=True) for _ in range(2)]
+    assert torch.equal(paired[0], paired[1])
+    assert not torch.equal(paired[0], first)
 
 
 def test_pair_snr_is_mean_over_sd_of_the_difference():
