@@ -1,16 +1,19 @@
-"""bench/learn_params_noise.py: every repeated LearnParams sub-phase starts from the same model and optimizer
-state (a restore that missed the optimizer's moments would let one sub-phase leak into the next)."""
+"""bench/learn_params_noise.py and bench/probe_aioli.py: every repeated LearnParams sub-phase or probe starts
+from the same model and optimizer state (a restore that missed the optimizer's moments would let one
+sub-phase leak into the next), and the probe round un-mixes what it measured."""
 import os
 import sys
 
 import pytest
 import torch
 
+from aioli_ext.mixing.lmo import smoothed_one_hot
 from aioli_ext.train.loop import Run, train_step
 from test_train import corpus, tiny  # noqa: F401  (corpus is a pytest fixture)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 import learn_params_noise  # noqa: E402
+import probe_aioli  # noqa: E402
 
 
 def _trained_run(corpus, out):
@@ -65,3 +68,23 @@ def test_pair_snr_is_mean_over_sd_of_the_difference():
     assert pair["pair"] == "a-b"
     assert pair["mean"] == pytest.approx(float(diff.mean()))
     assert pair["snr"] == pytest.approx(float(diff.mean() / diff.std()))
+
+
+def test_probe_round_leaves_training_state_and_moves_the_mixture(corpus, tmp_path):
+    run = _trained_run(corpus, tmp_path)
+    sampler_state = run.sampler.state_dict()
+    sampler = run.sampler
+    weights = {k: v.clone() for k, v in run.model.state_dict().items()}
+    evaluate = lambda: run.val_evaluator(run.forward)  # noqa: E731
+    p = torch.full((3,), 1 / 3, dtype=torch.float64)
+    results = [probe_aioli.probe_round(run, evaluate, p, round_index=0, one_hot=0.6, lp_steps=2, lp_sweeps=2,
+                                       eta=0.5, objective="loss") for _ in range(2)]
+    new_p, measured, interaction = results[0]
+    assert torch.equal(new_p, results[1][0]) and torch.equal(measured, results[1][1])
+    assert new_p.sum().item() == pytest.approx(1.0) and not torch.equal(new_p, p)
+    # B is what the probes measured and A its un-mixing: re-mixing A gives B back.
+    q = torch.stack([smoothed_one_hot(3, j, 0.6) for j in range(3)], dim=1)
+    torch.testing.assert_close(interaction @ q, measured)
+    assert run.sampler is sampler and run.sampler.state_dict().keys() == sampler_state.keys()
+    for key, value in run.model.state_dict().items():
+        assert torch.equal(value, weights[key]), key
