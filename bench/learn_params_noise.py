@@ -48,16 +48,23 @@ def _ints(text):
     return [int(x) for x in text.split(",") if x]
 
 
+def snapshot(run):
+    """Copies of the model's and optimizer's state, and the sampler itself (the measurements swap it)."""
+    return {"model": copy.deepcopy(run.model.state_dict()), "optimizer": copy.deepcopy(run.optimizer.state_dict()),
+            "sampler": run.sampler}
+
+
 def restore(run, state):
-    """Model and optimizer back to ``state``. The optimizer gets a copy: ``Optimizer.load_state_dict`` keeps the
+    """Model, optimizer and sampler back to ``state``. The optimizer gets a copy: ``Optimizer.load_state_dict`` keeps the
     given tensors (same dtype and device) as its state, and the next step would update them in place."""
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+    run.sampler = state["sampler"]
 
 
 def measure(run, evaluators, *, one_hot, lp_steps, replicates, seed):
     """Drops [replicate, s index, subset, i, j] (float64) of every repeated sub-phase from ``run``'s state."""
-    state = copy.deepcopy({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict()})
+    state = snapshot(run)
     m = run.num_groups
     start = run.step
     before = [evaluate() for evaluate in evaluators]
@@ -86,7 +93,7 @@ def measure_rounds(run, evaluate, *, one_hot, lp_steps, sweeps, replicates, seed
     of a sweep draws the same examples of each group (the sampler is rewound to the sweep's start), so the
     columns of one sweep differ by the mixture, not by which examples were drawn. Returns the round's
     B = summed drops / sweeps, float64 [replicate, i, j]."""
-    state = copy.deepcopy({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict()})
+    state = snapshot(run)
     m, start = run.num_groups, run.step
     sizes = run.train_windows.num_examples.tolist()
     rounds = torch.zeros(replicates, m, m, dtype=torch.float64)

@@ -39,13 +39,11 @@ from aioli_ext.train.loop import Run, train_step  # noqa: E402
 
 def probe_round(run, evaluate, p, *, round_index, one_hot, lp_steps, lp_sweeps, eta, objective):
     """Probes from ``run``'s state (left unchanged), then the EG step; returns (new p, B, A) float64."""
-    sampler = run.sampler
     base = evaluate()
     # measure() gives replicate r (here: sweep r) its own sampler seeded seed + 1000·(r + 1), shared by the
     # sweep's probes of every group; the seed below makes each round's examples differ from the last's.
     drops = measure(run, [evaluate], one_hot=one_hot, lp_steps=[lp_steps], replicates=lp_sweeps,
                     seed=run.cfg.seed + 100_000 * (round_index + 1))
-    run.sampler = sampler
     measured = drops[:, 0, 0].mean(dim=0)
     interaction = unmix_smoothing(measured, one_hot)
     weights = objective_weights(objective, base)
