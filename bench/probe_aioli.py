@@ -1,8 +1,8 @@
 """Prototype: Aioli whose LearnParams sub-phases are rolled-back probes, to measure before building it in.
 
 `bench/learn_params_noise.py` measured that one round of Aioli's LearnParams (sub-phases in sequence, each on
-fresh batches) has a signal-to-noise ratio of 0.05-0.6, and that sub-phases trained from one state on the same
-examples raise it 2-4x. This script trains exactly as ``aioli-ext train --method aioli`` does (same model,
+fresh batches) has a signal-to-noise ratio mostly below 1, and that sub-phases trained from one state on the same
+examples raise it 2-5x. This script trains exactly as ``aioli-ext train --method aioli`` does (same model,
 initialisation, sampler seed, learning-rate schedule, EG step, un-mixing and normalisation of A), except for
 LearnParams: at the start of round r the model and optimizer are copied; for each of ``lp_sweeps`` sweeps,
 every group j gets an ``lp_steps``-step probe on the smoothed one-hot q^(j) from that copy, all probes of a
