@@ -31,10 +31,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from learn_params_noise import measure  # noqa: E402
 
 from aioli_ext.mixing.allocation import phase_group_counts  # noqa: E402
-from aioli_ext.mixing.lmo import (eg_gradient, exponentiated_gradient_step, normalize_interaction,  # noqa: E402
-                                  objective_weights, unmix_smoothing)
+from aioli_ext.mixing.lmo import (OBJECTIVES, eg_gradient, exponentiated_gradient_step,  # noqa: E402
+                                  normalize_interaction, objective_weights, unmix_smoothing)
 from aioli_ext.train.config import TrainConfig  # noqa: E402
 from aioli_ext.train.loop import Run, train_step  # noqa: E402
+from aioli_ext.train.study import TUNED  # noqa: E402
 
 
 def probe_round(run, evaluate, p, *, round_index, one_hot, lp_steps, lp_sweeps, eta, objective):
@@ -56,13 +57,15 @@ def main(argv=None):
     parser.add_argument("--corpus", default="runs/corpus")
     parser.add_argument("--groups", default="code,legal,noise")
     parser.add_argument("--seed", type=int, default=100)
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--update-steps", type=int, default=100)
-    parser.add_argument("--lp-sweeps", type=int, default=2)
-    parser.add_argument("--lp-steps", type=int, default=2)
-    parser.add_argument("--one-hot", type=float, default=0.4)
-    parser.add_argument("--eta", type=float, default=0.3)
-    parser.add_argument("--objective", default="loss", choices=["loss", "perplexity"])
+    # Defaults: those of `aioli-ext study`'s three-group setting, so that a run compares with the study's Aioli.
+    defaults = TrainConfig(**TUNED["three"])
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--update-steps", type=int, default=defaults.update_steps)
+    parser.add_argument("--lp-sweeps", type=int, default=defaults.lp_sweeps)
+    parser.add_argument("--lp-steps", type=int, default=defaults.lp_steps)
+    parser.add_argument("--one-hot", type=float, default=defaults.one_hot)
+    parser.add_argument("--eta", type=float, default=defaults.eta)
+    parser.add_argument("--objective", default=defaults.objective, choices=list(OBJECTIVES))
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
