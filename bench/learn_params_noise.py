@@ -31,6 +31,7 @@ import json
 import math
 import os
 import sys
+import time
 
 import torch
 
@@ -62,14 +63,34 @@ def restore(run, state):
     run.sampler = state["sampler"]
 
 
-def measure(run, evaluators, *, one_hot, lp_steps, replicates, seed):
-    """Drops [replicate, s index, subset, i, j] (float64) of every repeated sub-phase from ``run``'s state."""
+def write_val_result(run, args, tick, **extra):
+    """Final validation of a diagnostic run (the mixer's subset, as ``avg_val_ppl`` of a training run), written
+    with ``args`` and ``extra`` to <args.out>/result.json; returns the result. The test split is never read."""
+    final = run.val_evaluator(run.forward).tolist()
+    result = {"groups": run.groups, "seed": run.cfg.seed, "settings": vars(args), "final_val_loss": final,
+              "avg_val_ppl": sum(math.exp(x) for x in final) / run.num_groups, **extra,
+              "seconds": round(time.perf_counter() - tick, 1)}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "result.json"), "w") as handle:
+        json.dump(result, handle, indent=1)
+    return result
+
+
+def measure(run, evaluators, *, one_hot, lp_steps, replicates, seed, horizon=0, base=None):
+    """Drops [replicate, s index, subset, i, j] (float64) of every repeated sub-phase from ``run``'s state.
+
+    horizon: after the s-step sub-phase, train this many more steps on the mixture ``base`` (float64 [m];
+    uniform when None) before measuring, so that the drop says what the sub-phase is still worth later on
+    rather than right after it. The continuation draws the same examples for every (s, j) of a replicate, from
+    its own sampler, so columns differ only by the sub-phase."""
     state = snapshot(run)
     m = run.num_groups
     start = run.step
     before = [evaluate() for evaluate in evaluators]
     drops = torch.zeros(replicates, len(lp_steps), len(evaluators), m, m, dtype=torch.float64)
     sizes = run.train_windows.num_examples.tolist()
+    base = torch.full((m,), 1.0 / m, dtype=torch.float64) if base is None else base
+    later = phase_group_counts(base, horizon, run.cfg.batch) if horizon else None
     for r in range(replicates):
         for si, s in enumerate(lp_steps):
             for j in range(m):
@@ -80,6 +101,10 @@ def measure(run, evaluators, *, one_hot, lp_steps, replicates, seed):
                 run.train_model.train()
                 for t in range(s):
                     train_step(run, start + t, counts[t])
+                if horizon:
+                    run.sampler = MixtureSampler(sizes, seed=seed + 1000 * (r + 1) + 500, mode=run.cfg.sampler_mode)
+                    for t in range(horizon):
+                        train_step(run, start + s + t, later[t])
                 for e, evaluate in enumerate(evaluators):
                     drops[r, si, e, :, j] = before[e] - evaluate()
     restore(run, state)
@@ -163,6 +188,8 @@ def main(argv=None):
     parser.add_argument("--lp-steps", default="2,8", help="sub-phase lengths s")
     parser.add_argument("--one-hot", type=float, default=0.4)
     parser.add_argument("--replicates", type=int, default=8)
+    parser.add_argument("--horizon", type=int, default=0,
+                        help="probes: steps on the uniform mixture after each sub-phase before measuring")
     parser.add_argument("--big-windows", type=int, default=256)
     parser.add_argument("--sweeps", type=int, default=2, help="sweeps per round in the rounds design")
     parser.add_argument("--design", choices=["probes", "rounds"], default="probes",
@@ -184,8 +211,9 @@ def main(argv=None):
             if args.design == "probes":
                 big = run._evaluator(run.val_windows, args.big_windows)
                 drops = measure(run, [small, lambda: big(run.forward)], one_hot=args.one_hot, lp_steps=lp_steps,
-                                replicates=args.replicates, seed=args.seed)
-                subsets = [f"probe, val {cfg.eval_windows}/group", f"probe, val {args.big_windows}/group"]
+                                replicates=args.replicates, seed=args.seed, horizon=args.horizon)
+                later = f" +{args.horizon} uniform steps" if args.horizon else ""
+                subsets = [f"probe{later}, val {cfg.eval_windows}/group", f"probe{later}, val {args.big_windows}/group"]
                 found = summarise(drops, lp_steps, subsets, run.groups)
             else:
                 drops, found = [], []

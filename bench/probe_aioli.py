@@ -8,7 +8,8 @@ LearnParams: at the start of round r the model and optimizer are copied; for eac
 every group j gets an ``lp_steps``-step probe on the smoothed one-hot q^(j) from that copy, all probes of a
 sweep on the same examples (their own sampler, seeded by round and sweep); the drops B are averaged over the
 sweeps; the model and optimizer are restored; and all U steps of the round then train on the new mixture. The
-probes are extra compute: k·m·s training steps and k·m + 1 evaluations per round.
+probes are extra compute: k·m·(s + h) training steps and k·m + 1 evaluations per round, where ``--horizon`` h
+steps on the round's current mixture follow each probe before its drop is measured (0: measured right after).
 
     python bench/probe_aioli.py --groups code,legal,noise --seed 100 --one-hot 0.4 --out runs/probe/s100
 
@@ -17,8 +18,6 @@ Writes <out>/result.json with the final per-group validation loss (the mixer's 3
 choosing, on validation, whether the design is worth building into the mixer.
 """
 import argparse
-import json
-import math
 import os
 import sys
 import time
@@ -28,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from learn_params_noise import measure  # noqa: E402
+from learn_params_noise import measure, write_val_result  # noqa: E402
 
 from aioli_ext.mixing.allocation import phase_group_counts  # noqa: E402
 from aioli_ext.mixing.lmo import (OBJECTIVES, eg_gradient, exponentiated_gradient_step,  # noqa: E402
@@ -38,13 +37,16 @@ from aioli_ext.train.loop import Run, train_step  # noqa: E402
 from aioli_ext.train.study import TUNED  # noqa: E402
 
 
-def probe_round(run, evaluate, p, *, round_index, one_hot, lp_steps, lp_sweeps, eta, objective):
-    """Probes from ``run``'s state (left unchanged), then the EG step; returns (new p, B, A) float64."""
+def probe_round(run, evaluate, p, *, round_index, one_hot, lp_steps, lp_sweeps, eta, objective, horizon=0):
+    """Probes from ``run``'s state (left unchanged), then the EG step; returns (new p, B, A) float64.
+
+    horizon: steps on the current mixture ``p`` after each probe, on examples shared by the sweep's probes,
+    before the drop is measured (``learn_params_noise.measure``)."""
     base = evaluate()
     # measure() gives replicate r (here: sweep r) its own sampler seeded seed + 1000·(r + 1), shared by the
     # sweep's probes of every group; the seed below makes each round's examples differ from the last's.
     drops = measure(run, [evaluate], one_hot=one_hot, lp_steps=[lp_steps], replicates=lp_sweeps,
-                    seed=run.cfg.seed + 100_000 * (round_index + 1))
+                    seed=run.cfg.seed + 100_000 * (round_index + 1), horizon=horizon, base=p)
     measured = drops[:, 0, 0].mean(dim=0)
     interaction = unmix_smoothing(measured, one_hot)
     weights = objective_weights(objective, base)
@@ -66,6 +68,8 @@ def main(argv=None):
     parser.add_argument("--one-hot", type=float, default=defaults.one_hot)
     parser.add_argument("--eta", type=float, default=defaults.eta)
     parser.add_argument("--objective", default=defaults.objective, choices=list(OBJECTIVES))
+    parser.add_argument("--horizon", type=int, default=0,
+                        help="steps on the current mixture after each probe before its drop is measured")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -80,20 +84,14 @@ def main(argv=None):
         run.step = r * U
         p, measured, interaction = probe_round(run, evaluate, p, round_index=r, one_hot=args.one_hot,
                                                lp_steps=args.lp_steps, lp_sweeps=args.lp_sweeps, eta=args.eta,
-                                               objective=args.objective)
+                                               objective=args.objective, horizon=args.horizon)
         rounds.append({"round": r, "proportions": p.tolist(), "measured": measured.tolist(),
                        "interaction": interaction.tolist()})
         run.train_model.train()
         table = phase_group_counts(p, U, cfg.batch)
         for t in range(U):
             train_step(run, r * U + t, table[t])
-    final = evaluate()
-    result = {"groups": run.groups, "seed": cfg.seed, "settings": vars(args), "final_val_loss": final.tolist(),
-              "avg_val_ppl": sum(math.exp(x) for x in final.tolist()) / m, "rounds": rounds,
-              "seconds": round(time.perf_counter() - tick, 1)}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "result.json"), "w") as handle:
-        json.dump(result, handle, indent=1)
+    result = write_val_result(run, args, tick, rounds=rounds)
     print(f"seed {cfg.seed}: avg val PPL {result['avg_val_ppl']:.3f}, final mixture "
           f"{'/'.join(f'{x:.2f}' for x in p.tolist())}, {result['seconds']} s")
 
