@@ -38,6 +38,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from aioli_ext.mixing.allocation import phase_group_counts  # noqa: E402
+from aioli_ext.mixing.checks import as_proportions, check_int  # noqa: E402
 from aioli_ext.mixing.lmo import smoothed_one_hot  # noqa: E402
 from aioli_ext.sampler import MixtureSampler  # noqa: E402
 from aioli_ext.train.checkpoint import load_checkpoint  # noqa: E402
@@ -89,7 +90,8 @@ def measure(run, evaluators, *, one_hot, lp_steps, replicates, seed, horizon=0, 
     before = [evaluate() for evaluate in evaluators]
     drops = torch.zeros(replicates, len(lp_steps), len(evaluators), m, m, dtype=torch.float64)
     sizes = run.train_windows.num_examples.tolist()
-    base = torch.full((m,), 1.0 / m, dtype=torch.float64) if base is None else base
+    check_int(horizon, "horizon", minimum=0)
+    base = torch.full((m,), 1.0 / m, dtype=torch.float64) if base is None else as_proportions(base, m, "base")
     later = phase_group_counts(base, horizon, run.cfg.batch) if horizon else None
     for r in range(replicates):
         for si, s in enumerate(lp_steps):

@@ -8,8 +8,7 @@ LearnParams: at the start of round r the model and optimizer are copied; for eac
 every group j gets an ``lp_steps``-step probe on the smoothed one-hot q^(j) from that copy, all probes of a
 sweep on the same examples (their own sampler, seeded by round and sweep); the drops B are averaged over the
 sweeps; the model and optimizer are restored; and all U steps of the round then train on the new mixture. The
-probes are extra compute: k·m·(s + h) training steps and k·m + 1 evaluations per round, where ``--horizon`` h
-steps on the round's current mixture follow each probe before its drop is measured (0: measured right after).
+probes are extra compute: k·m·s training steps and k·m + 1 evaluations per round.
 
     python bench/probe_aioli.py --groups code,legal,noise --seed 100 --one-hot 0.4 --out runs/probe/s100
 
@@ -37,16 +36,13 @@ from aioli_ext.train.loop import Run, train_step  # noqa: E402
 from aioli_ext.train.study import TUNED  # noqa: E402
 
 
-def probe_round(run, evaluate, p, *, round_index, one_hot, lp_steps, lp_sweeps, eta, objective, horizon=0):
-    """Probes from ``run``'s state (left unchanged), then the EG step; returns (new p, B, A) float64.
-
-    horizon: steps on the current mixture ``p`` after each probe, on examples shared by the sweep's probes,
-    before the drop is measured (``learn_params_noise.measure``)."""
+def probe_round(run, evaluate, p, *, round_index, one_hot, lp_steps, lp_sweeps, eta, objective):
+    """Probes from ``run``'s state (left unchanged), then the EG step; returns (new p, B, A) float64."""
     base = evaluate()
     # measure() gives replicate r (here: sweep r) its own sampler seeded seed + 1000·(r + 1), shared by the
     # sweep's probes of every group; the seed below makes each round's examples differ from the last's.
     drops = measure(run, [evaluate], one_hot=one_hot, lp_steps=[lp_steps], replicates=lp_sweeps,
-                    seed=run.cfg.seed + 100_000 * (round_index + 1), horizon=horizon, base=p)
+                    seed=run.cfg.seed + 100_000 * (round_index + 1))
     measured = drops[:, 0, 0].mean(dim=0)
     interaction = unmix_smoothing(measured, one_hot)
     weights = objective_weights(objective, base)
@@ -68,8 +64,6 @@ def main(argv=None):
     parser.add_argument("--one-hot", type=float, default=defaults.one_hot)
     parser.add_argument("--eta", type=float, default=defaults.eta)
     parser.add_argument("--objective", default=defaults.objective, choices=list(OBJECTIVES))
-    parser.add_argument("--horizon", type=int, default=0,
-                        help="steps on the current mixture after each probe before its drop is measured")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -84,7 +78,7 @@ def main(argv=None):
         run.step = r * U
         p, measured, interaction = probe_round(run, evaluate, p, round_index=r, one_hot=args.one_hot,
                                                lp_steps=args.lp_steps, lp_sweeps=args.lp_sweeps, eta=args.eta,
-                                               objective=args.objective, horizon=args.horizon)
+                                               objective=args.objective)
         rounds.append({"round": r, "proportions": p.tolist(), "measured": measured.tolist(),
                        "interaction": interaction.tolist()})
         run.train_model.train()
