@@ -2,10 +2,12 @@
 
 An online mixer starts from a mixture (uniform, for Aioli and stratified sampling) and can only move to a
 better one after it has measured something, so it trains on the better mixture for part of the run at most.
-This script bounds what that costs with an oracle that needs no measurement at all: it trains exactly as
-``aioli-ext train`` does (same model, initialisation, sampler seed, learning-rate schedule) on mixture p_0 from
-step 0, on p_1 from step t_1, and so on, each segment's per-step group counts from the same systematic
-allocation the mixers use. ``--schedule 0:uniform`` is the control, ``0:0.45/0.45/0.1`` the static mixture from
+This script bounds what that costs with an oracle that needs no measurement at all: it trains as
+``aioli-ext train`` does (same model, initialisation, sampler seed, learning-rate schedule, ``train_step``) on
+mixture p_0 from step 0, on p_1 from step t_1, and so on. Each segment's per-step group counts come from the
+mixers' systematic allocation (``phase_group_counts``) over the whole segment; the mixers allocate over blocks
+of steps, so which sequences fill each step differs from an ``aioli-ext train`` run, and a schedule is to be
+compared with this script's own control, not with a training run. ``--schedule 0:uniform`` is the control, ``0:0.45/0.45/0.1`` the static mixture from
 the start, ``0:uniform,1500:0.45/0.45/0.1`` an oracle that arrives at the middle of the run.
 
     python bench/late_switch.py --groups code,legal,noise --seed 100 \

@@ -10,6 +10,8 @@ seed):
     drop is measured on the mixer's validation subset (``eval_windows`` evenly spaced windows per group, as
     in training) and on a larger one (``--big-windows`` per group), to separate the subset's own noise. The
     sub-phases of one replicate draw the same examples of each group, so column differences are paired.
+    ``--horizon h`` follows every sub-phase with h steps on the uniform mixture (the same batches for every
+    column) before measuring: what the sub-phase is still worth h steps later.
   * ``--design rounds``: Aioli's own LearnParams round, ``--sweeps`` sweeps over the groups in a random order,
     each sub-phase starting where the previous one ended (with the optimizer's momentum of the earlier ones),
     its drop taken from the previous evaluation; the result is the round's B (drops summed / sweeps).
@@ -22,6 +24,7 @@ step sums one such difference per round, so a per-round SNR r over R rounds give
     python bench/learn_params_noise.py --groups code,legal,noise --one-hot 0.4 --at 500,1500,2500 \
         --lp-steps 2,8,24 --out runs/lp_noise
     python bench/learn_params_noise.py --design rounds --replicates 12 --lp-steps 2,8 --out runs/lp_noise
+    python bench/learn_params_noise.py --lp-steps 8 --horizon 100 --out runs/horizon
 
 Writes <out>/lp_noise[_rounds].{json,md}. Each takes 10-15 minutes on one CPU thread.
 """
