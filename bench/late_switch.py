@@ -84,7 +84,10 @@ def main(argv=None):
     groups = args.groups.split(",")
     cfg = TrainConfig(corpus=args.corpus, groups=groups, method="stratified", seed=args.seed,
                       steps=args.steps, out=args.out, progress=False)
-    segments = parse_schedule(args.schedule, len(groups), cfg.steps)
+    try:
+        segments = parse_schedule(args.schedule, len(groups), cfg.steps)
+    except ValueError as error:
+        parser.error(f"--{error}")
     tick = time.perf_counter()
     run = train_schedule(cfg, segments)
     result = write_val_result(run, args, tick)
