@@ -5,10 +5,11 @@ better one after it has measured something, so it trains on the better mixture f
 This script bounds what that costs with an oracle that needs no measurement at all: it trains as
 ``aioli-ext train`` does (same model, initialisation, sampler seed, learning-rate schedule, ``train_step``) on
 mixture p_0 from step 0, on p_1 from step t_1, and so on. Each segment's per-step group counts come from the
-mixers' systematic allocation (``phase_group_counts``) over the whole segment; the mixers allocate over blocks
+mixers' systematic allocation over the whole segment (``train_on_mixture``); the mixers allocate over blocks
 of steps, so which sequences fill each step differs from an ``aioli-ext train`` run, and a schedule is to be
-compared with this script's own control, not with a training run. ``--schedule 0:uniform`` is the control, ``0:0.45/0.45/0.1`` the static mixture from
-the start, ``0:uniform,1500:0.45/0.45/0.1`` an oracle that arrives at the middle of the run.
+compared with this script's own control, not with a training run. ``--schedule 0:uniform`` is the control,
+``0:0.45/0.45/0.1`` the static mixture from the start, ``0:uniform,1500:0.45/0.45/0.1`` an oracle that arrives
+at the middle of the run.
 
     python bench/late_switch.py --groups code,legal,noise --seed 100 \
         --schedule 0:uniform,1500:0.45/0.45/0.1 --out runs/late/s100_1500
@@ -26,12 +27,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from learn_params_noise import write_val_result  # noqa: E402
+from learn_params_noise import train_on_mixture, write_val_result  # noqa: E402
 
-from aioli_ext.mixing.allocation import phase_group_counts  # noqa: E402
 from aioli_ext.mixing.checks import as_proportions  # noqa: E402
 from aioli_ext.train.config import TrainConfig  # noqa: E402
-from aioli_ext.train.loop import Run, train_step  # noqa: E402
+from aioli_ext.train.loop import Run  # noqa: E402
 
 
 def parse_schedule(text, num_groups, steps):
@@ -63,11 +63,8 @@ def train_schedule(cfg, segments):
     """Trains a fresh ``Run(cfg)`` on ``segments`` ([(start step, p float64 [m])], from ``parse_schedule``)
     until ``cfg.steps``; returns the run (its model as trained)."""
     run = Run(cfg)
-    run.train_model.train()
     for (start, p), end in zip(segments, [s for s, _ in segments[1:]] + [cfg.steps]):
-        table = phase_group_counts(p, end - start, cfg.batch)
-        for t in range(end - start):
-            train_step(run, start + t, table[t])
+        train_on_mixture(run, p, start, end - start)
     return run
 
 

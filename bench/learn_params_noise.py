@@ -67,6 +67,21 @@ def restore(run, state):
     run.sampler = state["sampler"]
 
 
+def train_on_mixture(run, proportions, start, num_steps):
+    """Trains ``run`` for ``num_steps`` steps from step ``start`` on ``proportions`` (float64 [m]), each step's group
+    counts from the mixers' systematic allocation over those steps; returns the next step."""
+    run.train_model.train()
+    counts = phase_group_counts(proportions, num_steps, run.cfg.batch)
+    for t in range(num_steps):
+        train_step(run, start + t, counts[t])
+    return start + num_steps
+
+
+def fresh_sampler(run, seed):
+    """A sampler over ``run``'s training windows with its own ``seed`` (the run's mode)."""
+    return MixtureSampler(run.train_windows.num_examples.tolist(), seed=seed, mode=run.cfg.sampler_mode)
+
+
 def write_val_result(run, args, tick, **extra):
     """Final validation of a diagnostic run (the mixer's subset, as ``avg_val_ppl`` of a training run), written
     with ``args`` and ``extra`` to <args.out>/result.json; returns the result. The test split is never read."""
@@ -92,24 +107,18 @@ def measure(run, evaluators, *, one_hot, lp_steps, replicates, seed, horizon=0, 
     start = run.step
     before = [evaluate() for evaluate in evaluators]
     drops = torch.zeros(replicates, len(lp_steps), len(evaluators), m, m, dtype=torch.float64)
-    sizes = run.train_windows.num_examples.tolist()
     check_int(horizon, "horizon", minimum=0)
     base = torch.full((m,), 1.0 / m, dtype=torch.float64) if base is None else as_proportions(base, m, "base")
-    later = phase_group_counts(base, horizon, run.cfg.batch) if horizon else None
     for r in range(replicates):
         for si, s in enumerate(lp_steps):
             for j in range(m):
                 restore(run, state)
                 # Replicate r draws the same batches for every (s, j): the comparison between columns is paired.
-                run.sampler = MixtureSampler(sizes, seed=seed + 1000 * (r + 1), mode=run.cfg.sampler_mode)
-                counts = phase_group_counts(smoothed_one_hot(m, j, one_hot), s, run.cfg.batch)
-                run.train_model.train()
-                for t in range(s):
-                    train_step(run, start + t, counts[t])
+                run.sampler = fresh_sampler(run, seed + 1000 * (r + 1))
+                step = train_on_mixture(run, smoothed_one_hot(m, j, one_hot), start, s)
                 if horizon:
-                    run.sampler = MixtureSampler(sizes, seed=seed + 1000 * (r + 1) + 500, mode=run.cfg.sampler_mode)
-                    for t in range(horizon):
-                        train_step(run, start + s + t, later[t])
+                    run.sampler = fresh_sampler(run, seed + 1000 * (r + 1) + 500)
+                    train_on_mixture(run, base, step, horizon)
                 for e, evaluate in enumerate(evaluators):
                     drops[r, si, e, :, j] = before[e] - evaluate()
     restore(run, state)
@@ -125,23 +134,18 @@ def measure_rounds(run, evaluate, *, one_hot, lp_steps, sweeps, replicates, seed
     B = summed drops / sweeps, float64 [replicate, i, j]."""
     state = snapshot(run)
     m, start = run.num_groups, run.step
-    sizes = run.train_windows.num_examples.tolist()
     rounds = torch.zeros(replicates, m, m, dtype=torch.float64)
     for r in range(replicates):
         restore(run, state)
-        run.sampler = MixtureSampler(sizes, seed=seed + 1000 * (r + 1), mode=run.cfg.sampler_mode)
+        run.sampler = fresh_sampler(run, seed + 1000 * (r + 1))
         orders = torch.Generator().manual_seed(seed + r)
-        run.train_model.train()
         last, step = evaluate(), start
         for _ in range(sweeps):
             sweep_start = copy.deepcopy(run.sampler.state_dict())
             for j in torch.randperm(m, generator=orders).tolist():
                 if paired:
                     run.sampler.load_state_dict(copy.deepcopy(sweep_start))
-                counts = phase_group_counts(smoothed_one_hot(m, j, one_hot), lp_steps, run.cfg.batch)
-                for t in range(lp_steps):
-                    train_step(run, step, counts[t])
-                    step += 1
+                step = train_on_mixture(run, smoothed_one_hot(m, j, one_hot), step, lp_steps)
                 now = evaluate()
                 rounds[r, :, j] += last - now
                 last = now

@@ -26,13 +26,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from learn_params_noise import measure, write_val_result  # noqa: E402
+from learn_params_noise import measure, train_on_mixture, write_val_result  # noqa: E402
 
-from aioli_ext.mixing.allocation import phase_group_counts  # noqa: E402
 from aioli_ext.mixing.lmo import (OBJECTIVES, eg_gradient, exponentiated_gradient_step,  # noqa: E402
                                   normalize_interaction, objective_weights, unmix_smoothing)
 from aioli_ext.train.config import TrainConfig  # noqa: E402
-from aioli_ext.train.loop import Run, train_step  # noqa: E402
+from aioli_ext.train.loop import Run  # noqa: E402
 from aioli_ext.train.study import TUNED  # noqa: E402
 
 
@@ -81,10 +80,7 @@ def main(argv=None):
                                                objective=args.objective)
         rounds.append({"round": r, "proportions": p.tolist(), "measured": measured.tolist(),
                        "interaction": interaction.tolist()})
-        run.train_model.train()
-        table = phase_group_counts(p, U, cfg.batch)
-        for t in range(U):
-            train_step(run, r * U + t, table[t])
+        train_on_mixture(run, p, r * U, U)
     result = write_val_result(run, args, tick, rounds=rounds)
     print(f"seed {cfg.seed}: avg val PPL {result['avg_val_ppl']:.3f}, final mixture "
           f"{'/'.join(f'{x:.2f}' for x in p.tolist())}, {result['seconds']} s")

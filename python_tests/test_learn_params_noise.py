@@ -152,7 +152,7 @@ def test_schedule_trains_each_segment_on_its_own_mixture(corpus, tmp_path, monke
         drawn.append((step, torch.bincount(group_ids, minlength=3).tolist()))
         return per_token, group_ids
 
-    monkeypatch.setattr(late_switch, "train_step", recording_step)
+    monkeypatch.setattr(learn_params_noise, "train_step", recording_step)  # train_on_mixture calls it
     cfg = tiny(corpus, tmp_path, method="stratified", steps=6)
     run = late_switch.train_schedule(cfg, late_switch.parse_schedule("0:0/0/1,2:1/0/0,4:uniform", 3, 6))
     assert [s for s, _ in drawn] == list(range(6))
