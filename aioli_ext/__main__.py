@@ -36,10 +36,13 @@ _HELP = {
     "diagonal": "Aioli: estimate only the diagonal of A",
     "objective": "Aioli: what the EG step lowers: the sum of group losses (loss) or of perplexities (perplexity)",
     "prior": "Aioli: restricted-mode prior proportions",
+    "prior_run": "Aioli: a finished run (folder or result.json) whose last mixture is the prior, e.g. a cheap proxy "
+                 "run; {seed} in the path becomes the run's seed",
     "prior_steps": "Aioli: steps on the prior before the rounds", "proportions": "static: the fixed mixture",
     "skills_graph": "Skill-It: JSON m x m matrix (default: identity)",
     "reference_losses": "DoReMi: reference model's per-group validation losses",
-    "reference_run": "DoReMi: a finished run (folder or result.json) whose final validation losses are the reference",
+    "reference_run": "DoReMi: a finished run (folder or result.json) whose final validation losses are the reference; "
+                     "{seed} in the path becomes the run's seed",
     "sampler_mode": "MixtureSampler mode",
     "device": "cpu or cuda (under torchrun: gloo on the CPU, NCCL and cuda:LOCAL_RANK on GPUs)",
     "threads": "torch threads per process", "checkpoint_every": "steps between checkpoints",
@@ -182,6 +185,9 @@ def build_parser():
     s.add_argument("--jobs", type=int, default=2)
     s.add_argument("--results", default=os.path.join("bench", "results"), help="where the study tables go")
     s.add_argument("--resume", action="store_true")
+    s.add_argument("--proxy", action="store_true",
+                   help="first train Aioli on a smaller proxy model per seed, then start each Aioli run from its "
+                        "proxy's last mixture (tables: study_prior_<setting>.*)")
     return parser
 
 
@@ -246,8 +252,9 @@ def main(argv=None):
                 raise RunError(f"--jobs must be >= 1, got {args.jobs}")
             cfg = config_from_args(args, **({} if args.out else {"out": os.path.join("runs", "study")}))
             study(cfg, settings, args.methods, args.seeds, jobs=args.jobs, out=cfg.out, results=args.results,
-                  resume=args.resume, explicit=_explicit_settings(args))
-            print(f"written: {args.results}/study.md and study_<setting>.json/.csv/.md/.png")
+                  resume=args.resume, explicit=_explicit_settings(args), proxy=args.proxy)
+            prefix = "study_prior" if args.proxy else "study"
+            print(f"written: {args.results}/{prefix}.md and {prefix}_<setting>.json/.csv/.md/.png")
             return 0
     except (RunError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -47,3 +47,53 @@ def test_explicit_flags_and_config_keys_win_over_tuned(captured, tmp_path, monke
     assert code == 0
     (full,) = captured
     assert (full.one_hot, full.eta) == (0.6, 0.9)
+
+
+def _captured_calls(monkeypatch):
+    calls = []
+
+    def fake_compare(cfg, methods, seeds, *, jobs, out, resume, progress, title):
+        calls.append((cfg, list(methods), out))
+        os.makedirs(out, exist_ok=True)
+        for ext in ("json", "csv", "md", "png"):
+            with open(os.path.join(out, f"compare.{ext}"), "w") as handle:
+                handle.write(json.dumps({"title": title}) if ext == "json" else title)
+        return {}
+
+    monkeypatch.setattr(study_module, "compare", fake_compare)
+    return calls
+
+
+def test_proxy_mode_trains_the_proxies_then_starts_aioli_from_them(monkeypatch, tmp_path):
+    calls = _captured_calls(monkeypatch)
+    out = str(tmp_path / "s")
+    study_module.study(TrainConfig(), ["two", "three"], ["stratified", "aioli"], [0, 1], jobs=1, out=out,
+                       results=str(tmp_path / "r"), resume=False, progress=False, proxy=True)
+    assert len(calls) == 4
+    for (small, small_methods, small_out), (main, methods, main_out), name in zip(calls[::2], calls[1::2],
+                                                                                   ["two", "three"]):
+        assert small_methods == ["aioli"] and small_out == os.path.join(out, f"{name}-proxy")
+        assert (small.d_model, small.layers, small.heads) == (64, 1, 2) and small.prior_run is None
+        # Everything but the model is the setting's own: groups, steps and the tuned Aioli settings.
+        assert small.replace(d_model=128, layers=2, heads=4) == main.replace(prior_run=None)
+        assert main.prior_run == os.path.join(out, f"{name}-proxy", "aioli-s{seed}")
+        assert methods == ["stratified", "aioli"] and main_out == os.path.join(out, f"{name}-prior")
+        assert (tmp_path / "r" / f"study_prior_{name}.md").is_file()
+    assert (tmp_path / "r" / "study_prior.md").is_file() and not (tmp_path / "r" / "study.md").exists()
+
+
+def test_proxy_model_halves_the_model_and_keeps_heads_dividing_the_width():
+    for (width, layers, heads), expected in [((128, 2, 4), (64, 1, 2)), ((256, 4, 8), (128, 2, 4)),
+                                             ((96, 3, 3), (48, 1, 1)), ((16, 1, 1), (8, 1, 1))]:
+        small = study_module.proxy_model(TrainConfig(d_model=width, layers=layers, heads=heads))
+        assert (small["d_model"], small["layers"], small["heads"]) == expected
+        assert small["d_model"] % small["heads"] == 0
+
+
+def test_proxy_mode_refuses_a_prior_of_its_own(monkeypatch, tmp_path, capsys):
+    calls = _captured_calls(monkeypatch)
+    monkeypatch.setattr(cli, "DEFAULT_CORPUS", str(tmp_path / "corpus"))
+    code = cli.main(["study", "--proxy", "--prior", "0.5,0.5", "--settings", "two", "--out", str(tmp_path / "s"),
+                     "--results", str(tmp_path / "r")])
+    assert code == 2 and "do not also give prior or prior_run" in capsys.readouterr().err
+    assert calls == [] and not (tmp_path / "r").exists()

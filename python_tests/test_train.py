@@ -219,8 +219,8 @@ def test_missing_and_empty_group_folders_are_clear_errors(tmp_path, capsys):
     (src / "empty").mkdir()
     out = tmp_path / "store"
     assert cli(["prepare", "prepare-folders", str(out), f"good={src / 'good'}", f"ghost={src / 'ghost'}"]) == 2
-    assert "group 'ghost'" in capsys.readouterr().err and "does not exist" in capsys.readouterr().err + \
-        "does not exist"
+    err = capsys.readouterr().err
+    assert "group 'ghost'" in err and "does not exist" in err
     assert _nothing_written(out)
     assert cli(["prepare", "prepare-folders", str(out), f"good={src / 'good'}", f"empty={src / 'empty'}"]) == 2
     assert "holds no non-empty .txt or .jsonl file" in capsys.readouterr().err
@@ -280,6 +280,74 @@ def test_config_file_sets_every_aioli_setting_and_flags_win(corpus, tmp_path):
     path.write_text(json.dumps({"etta": 1}))
     with pytest.raises(ValueError, match=r"unknown settings \['etta'\]"):
         config_from_args(build_parser().parse_args(["train", "--config", str(path)]))
+
+
+@pytest.fixture(scope="module")
+def proxy_runs(corpus, tmp_path_factory):
+    """Finished Aioli runs of a smaller model for seeds 0 and 1: the proxies that prior_run names."""
+    root = tmp_path_factory.mktemp("proxy")
+    for seed in (0, 1):
+        train(tiny(corpus, root / f"proxy-s{seed}", seed=seed, d_model=8, eta=2.0))
+    return root
+
+
+def test_prior_run_starts_aioli_from_the_proxys_last_mixture(corpus, proxy_runs, tmp_path):
+    for seed in (0, 1):
+        proxy = json.load(open(proxy_runs / f"proxy-s{seed}" / "result.json"))
+        last = proxy["proportions"][-1]
+        assert max(last) - min(last) > 0.02  # the proxy moved away from uniform, so the test can tell them apart
+        named = train(tiny(corpus, tmp_path / f"named-s{seed}", seed=seed,
+                           prior_run=str(proxy_runs / "proxy-s{seed}")))
+        given = train(tiny(corpus, tmp_path / f"given-s{seed}", seed=seed, prior=last))
+        _same_run(named, given)
+        assert named["mixer_config"]["prior"] == pytest.approx(last, abs=1e-12)
+        assert named["settings"]["prior_run"] == str(proxy_runs / "proxy-s{seed}")
+    # The result.json path works as well as the folder.
+    direct = train(tiny(corpus, tmp_path / "direct", seed=1,
+                        prior_run=str(proxy_runs / "proxy-s1" / "result.json")))
+    _same_run(direct, json.load(open(tmp_path / "named-s1" / "result.json")))
+
+
+def test_reference_run_gives_doremi_the_runs_final_validation_losses(corpus, proxy_runs, tmp_path):
+    proxy = json.load(open(proxy_runs / "proxy-s1" / "result.json"))
+    named = train(tiny(corpus, tmp_path / "named", method="doremi", seed=1,
+                       reference_run=str(proxy_runs / "proxy-s{seed}")))
+    given = train(tiny(corpus, tmp_path / "given", method="doremi", seed=1,
+                       reference_losses=proxy["final_val_loss"]))
+    _same_run(named, given)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--prior-run", "{root}/ghost"], r"prior_run: '.*ghost' does not exist \(give a finished run's folder"),
+    (["--prior-run", "{root}/proxy-s{{seed}}", "--seed", "2"], r"prior_run: '.*proxy-s2' does not exist"),
+    (["--prior-run", "{root}/proxy-s0", "--prior", "0.2,0.3,0.5"], r"give prior or prior_run .* not both"),
+    (["--prior-run", "{root}/proxy-s0", "--groups", "code,prose,noise"],
+     r"prior_run: .* has groups \['prose', 'code', 'noise'\], this run has \['code', 'prose', 'noise'\]"),
+    (["--prior-run", "{root}/proxy-s0", "--groups", "code,noise"], r"prior_run: .* has groups"),
+    (["--prior-run", "{root}/broken"], r"prior_run: '.*broken.result\.json' is not the result\.json of a finished"),
+    (["--method", "doremi", "--reference-run", "{root}/ghost"], r"reference_run: '.*ghost' does not exist"),
+    (["--prior-run", " "], r"prior_run must be the path of a finished run"),
+])
+def test_bad_prior_or_reference_run_is_a_clear_error(corpus, proxy_runs, tmp_path, capsys, flags, message):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "result.json").write_text('{"groups": ')
+    root = str(proxy_runs)
+    flags = [f.replace("{root}", root if "broken" not in f else str(tmp_path)).replace("{{seed}}", "{seed}")
+             for f in flags]
+    assert cli(["train", "--corpus", corpus, "--out", str(tmp_path / "run"), "--no-progress", *flags]) == 2
+    assert __import__("re").search(message, capsys.readouterr().err)
+    assert _nothing_written(tmp_path / "run")
+
+
+def test_compare_checks_every_seeds_prior_run_before_writing(corpus, proxy_runs, tmp_path):
+    base = tiny(corpus, tmp_path, prior_run=str(proxy_runs / "proxy-s{seed}"))
+    with pytest.raises(RunError, match=r"prior_run: '.*proxy-s2' does not exist"):
+        compare(base, ["stratified", "aioli"], [0, 1, 2], jobs=1, out=str(tmp_path / "cmp"), progress=False)
+    assert _nothing_written(tmp_path / "cmp")
+    # A method that does not read prior_run ignores it (stratified has no seed 2 proxy to check).
+    compare(base.replace(steps=14), ["stratified"], [2], jobs=1, out=str(tmp_path / "strat"), progress=False)
+    assert (tmp_path / "strat" / "stratified-s2" / "result.json").exists()
 
 
 def test_method_settings_name_config_fields_and_every_method():

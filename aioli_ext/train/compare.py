@@ -17,7 +17,7 @@ import time
 
 from .. import distributed
 from .checkpoint import write_json_atomic, write_text_atomic
-from .config import TrainConfig, validate
+from .config import METHOD_SETTINGS, TrainConfig, validate
 from .loop import RESULT, Run, RunError, train
 
 NOISE_GROUP = "noise"
@@ -67,8 +67,13 @@ def compare(base: TrainConfig, methods, seeds, *, jobs=2, out="runs/compare", re
             except ValueError as exc:
                 raise RunError(str(exc)) from None
             configs.append(cfg)
-    # Everything is checked (data, settings, every method) before the first run starts or writes.
-    for cfg in {c.method: c for c in configs}.values():
+    # Everything is checked (data, settings, every method, and every seed's run that a reference_run or
+    # prior_run names) before the first run starts or writes.
+    checked = {c.method: c for c in configs}
+    checked.update({(c.method, c.seed): c for c in configs
+                    if any(getattr(c, name) is not None for name in ("reference_run", "prior_run")
+                           if name in METHOD_SETTINGS[c.method])})
+    for cfg in checked.values():
         Run(cfg)
     if not resume:
         taken = [c.out for c in configs if os.path.exists(c.out)]

@@ -17,7 +17,7 @@ METHODS = ("aioli", "stratified", "static", "skillit", "doremi")
 # The TrainConfig fields each method's mixer reads (build_mixer in loop.py).
 METHOD_SETTINGS = {
     "aioli": ("update_steps", "rounds", "lp_sweeps", "lp_steps", "one_hot", "eta", "ema", "diagonal", "objective",
-              "prior", "prior_steps"),
+              "prior", "prior_run", "prior_steps"),
     "stratified": (),
     "static": ("proportions",),
     "skillit": ("update_steps", "rounds", "skills_graph", "skillit_eta", "skillit_window"),
@@ -66,6 +66,7 @@ class TrainConfig:
     diagonal: bool = False
     objective: str = "loss"
     prior: Optional[List[float]] = None
+    prior_run: Optional[str] = None
     prior_steps: int = 0
     # static
     proportions: Optional[List[float]] = None
@@ -179,8 +180,14 @@ def validate(cfg: TrainConfig, num_groups: Optional[int] = None):
             raise ValueError(f"groups must be a non-empty list of distinct group names, got {cfg.groups!r}")
     if cfg.method == "static" and cfg.proportions is None:
         raise ValueError("method 'static' needs proportions (--proportions 0.9,0.1)")
+    for name in ("reference_run", "prior_run"):
+        value = getattr(cfg, name)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise ValueError(f"{name} must be the path of a finished run (folder or result.json), got {value!r}")
     if cfg.reference_losses is not None and cfg.reference_run is not None:
         raise ValueError("give reference_losses or reference_run for DoReMi, not both")
+    if cfg.prior is not None and cfg.prior_run is not None:
+        raise ValueError("give prior or prior_run for Aioli's restricted mode, not both")
     if num_groups is not None:
         for name in ("proportions", "prior", "reference_losses"):
             value = getattr(cfg, name)

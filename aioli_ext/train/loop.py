@@ -47,30 +47,57 @@ def lr_at(step, cfg):
     return cfg.lr * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def _reference_losses(cfg, num_groups):
+def finished_run(path, setting, seed, groups):
+    """The result of a finished run that a setting names: ``path`` is its folder or its result.json, with
+    ``{seed}`` replaced by ``seed`` (so one setting serves every seed of a ``compare``). ``groups``: this run's
+    group names, or an int (only the count is checked). Raises RunError naming ``setting``."""
+    path = path.replace("{seed}", str(seed))
+    if os.path.isdir(path):
+        path = os.path.join(path, RESULT)
+    if not os.path.isfile(path):
+        raise RunError(f"{setting}: {path!r} does not exist (give a finished run's folder or its {RESULT})")
+    try:
+        with open(path) as handle:
+            result = json.load(handle)
+        theirs = list(result["groups"])
+    except (ValueError, KeyError, TypeError):
+        raise RunError(f"{setting}: {path!r} is not the {RESULT} of a finished run") from None
+    if isinstance(groups, int):
+        if len(theirs) != groups:
+            raise RunError(f"{setting}: {path!r} has {len(theirs)} groups, this run has {groups}")
+    elif theirs != list(groups):
+        raise RunError(f"{setting}: {path!r} has groups {theirs}, this run has {list(groups)} (same names, same "
+                       f"order)")
+    return result
+
+
+def _reference_losses(cfg, groups):
     if cfg.reference_losses is not None:
         return [float(x) for x in cfg.reference_losses]
     if cfg.reference_run is not None:
-        path = cfg.reference_run
-        if os.path.isdir(path):
-            path = os.path.join(path, RESULT)
-        if not os.path.isfile(path):
-            raise RunError(f"reference_run: {path!r} does not exist (give a run folder or its {RESULT})")
-        with open(path) as handle:
-            losses = json.load(handle)["final_val_loss"]
-        if len(losses) != num_groups:
-            raise RunError(f"reference_run: {path!r} has {len(losses)} groups, this run has {num_groups}")
-        return losses
+        return finished_run(cfg.reference_run, "reference_run", cfg.seed, groups)["final_val_loss"]
     # Without a reference model every excess loss is the loss itself: DoReMi then favours the hardest groups.
-    return [0.0] * num_groups
+    return [0.0] * (groups if isinstance(groups, int) else len(groups))
 
 
-def build_mixer(cfg: TrainConfig, num_groups: int):
-    """The mixer of ``cfg.method`` for a run of ``cfg.steps`` steps over ``num_groups`` groups."""
+def _prior(cfg, groups):
+    if cfg.prior_run is None:
+        return cfg.prior
+    # The mixture of the finished run's last step: for Aioli, its last round's mixture (rounds end in training).
+    return finished_run(cfg.prior_run, "prior_run", cfg.seed, groups)["proportions"][-1]
+
+
+def build_mixer(cfg: TrainConfig, num_groups: int, groups=None):
+    """The mixer of ``cfg.method`` for a run of ``cfg.steps`` steps over ``num_groups`` groups. ``groups``: their
+    names, checked against a ``reference_run`` or ``prior_run`` (without them only the count is checked)."""
+    named = num_groups if groups is None else list(groups)
+    if groups is not None and len(named) != num_groups:
+        raise ValueError(f"groups must name num_groups = {num_groups} groups, got {named!r}")
     if cfg.method == "aioli":
         return MIXERS["aioli"](num_groups, update_steps=cfg.update_steps, lp_sweeps=cfg.lp_sweeps,
                                lp_steps=cfg.lp_steps, one_hot=cfg.one_hot, eta=cfg.eta, ema=cfg.ema,
-                               diagonal=cfg.diagonal, objective=cfg.objective, prior=cfg.prior, prior_steps=cfg.prior_steps,
+                               diagonal=cfg.diagonal, objective=cfg.objective, prior=_prior(cfg, named),
+                               prior_steps=cfg.prior_steps,
                                rounds=cfg.rounds, total_steps=cfg.steps, seed=cfg.seed)
     if cfg.method == "stratified":
         return MIXERS["stratified"](num_groups)
@@ -81,7 +108,7 @@ def build_mixer(cfg: TrainConfig, num_groups: int):
         return MIXERS["skillit"](num_groups, skills_graph=graph, update_steps=cfg.update_steps,
                                  eta=cfg.skillit_eta, window=cfg.skillit_window, rounds=cfg.rounds,
                                  total_steps=cfg.steps)
-    return MIXERS["doremi"](num_groups, reference_losses=_reference_losses(cfg, num_groups),
+    return MIXERS["doremi"](num_groups, reference_losses=_reference_losses(cfg, named),
                             update_steps=cfg.update_steps, step_size=cfg.doremi_step_size,
                             smoothing=cfg.doremi_smoothing, rounds=cfg.rounds, total_steps=cfg.steps)
 
@@ -111,7 +138,7 @@ class Run:
             self.train_windows = store.windows("train", cfg.context)
             self.val_windows = store.windows("val", cfg.context)
             self.test_windows = store.windows("test", cfg.context)
-            self.mixer = build_mixer(cfg, k)
+            self.mixer = build_mixer(cfg, k, self.groups)
         except (OSError, ValueError, KeyError) as exc:
             raise RunError(str(exc)) from None
         self.num_groups = k

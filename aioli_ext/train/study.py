@@ -2,6 +2,11 @@
 
 Each setting is one ``compare`` under ``<out>/<setting>``; its tables and plot are copied to
 ``<results>/study_<setting>.{json,csv,md,png}`` and all settings are gathered in ``<results>/study.md``.
+
+With ``proxy=True`` each setting is two compares: first Aioli on a smaller proxy model (``proxy_model``) under
+``<out>/<setting>-proxy``, then the methods under ``<out>/<setting>-prior`` with Aioli started from the proxy
+of the same seed (``prior_run``, restricted mode); tables go to ``<results>/study_prior_<setting>.*`` and
+``<results>/study_prior.md``.
 """
 import json
 import os
@@ -9,6 +14,7 @@ import shutil
 
 from .checkpoint import write_text_atomic
 from .compare import compare
+from .loop import RunError
 
 SETTINGS = {
     "two": ["code", "noise"],
@@ -30,23 +36,44 @@ TUNED = {
 }
 
 
-def study(base, settings, methods, seeds, *, jobs, out, results, resume, progress=True, explicit=()):
-    """``explicit``: names of settings the user gave (flags or config file); TUNED never overrides them."""
+def proxy_model(cfg):
+    """The proxy's model: half the width, half the layers and half the heads of ``cfg``'s (at least 1 each);
+    with the defaults (d 128, 2 layers, 4 heads) a d 64, 1-layer, 2-head GPT that trains in about a quarter
+    of the time of a run of the full model on the machine here."""
+    heads = max(1, cfg.heads // 2)
+    width = max(heads, cfg.d_model // 2 // heads * heads)
+    return {"d_model": width, "layers": max(1, cfg.layers // 2), "heads": heads}
+
+
+def study(base, settings, methods, seeds, *, jobs, out, results, resume, progress=True, explicit=(), proxy=False):
+    """``explicit``: names of settings the user gave (flags or config file); TUNED never overrides them.
+    ``proxy``: start every Aioli run from the last mixture of a proxy Aioli run of the same seed (see above)."""
+    if proxy and (base.prior is not None or base.prior_run is not None):
+        raise RunError("study: the proxy mode sets Aioli's prior from the proxy runs; do not also give prior or "
+                       "prior_run")
     os.makedirs(results, exist_ok=True)
+    prefix = "study_prior" if proxy else "study"
     for name in settings:
         tuned = {key: value for key, value in TUNED[name].items() if key not in explicit}
         cfg = base.replace(groups=list(SETTINGS[name]), **tuned)
-        folder = os.path.join(out, name)
+        folder = os.path.join(out, f"{name}-prior" if proxy else name)
         title = f"{name}: {' + '.join(SETTINGS[name])}"
+        if proxy:
+            proxies = os.path.join(out, f"{name}-proxy")
+            small = proxy_model(cfg)
+            compare(cfg.replace(**small), ["aioli"], seeds, jobs=jobs, out=proxies, resume=resume,
+                    progress=progress, title=f"{title} (proxy: d {small['d_model']}, {small['layers']} layers)")
+            cfg = cfg.replace(prior_run=os.path.join(proxies, "aioli-s{seed}"))
+            title += ", Aioli from the proxy's mixture"
         compare(cfg, methods, seeds, jobs=jobs, out=folder, resume=resume, progress=progress, title=title)
         for ext in ("json", "csv", "md", "png"):
-            shutil.copyfile(os.path.join(folder, f"compare.{ext}"), os.path.join(results, f"study_{name}.{ext}"))
+            shutil.copyfile(os.path.join(folder, f"compare.{ext}"), os.path.join(results, f"{prefix}_{name}.{ext}"))
     parts = []
     for name in SETTINGS:
-        path = os.path.join(results, f"study_{name}.md")
+        path = os.path.join(results, f"{prefix}_{name}.md")
         if os.path.isfile(path):
             with open(path) as handle:
                 parts.append(handle.read())
-            parts.append(f"![{name}](study_{name}.png)\n")
-    write_text_atomic("\n".join(parts), os.path.join(results, "study.md"))
-    return [json.load(open(os.path.join(results, f"study_{n}.json"))) for n in settings]
+            parts.append(f"![{name}]({prefix}_{name}.png)\n")
+    write_text_atomic("\n".join(parts), os.path.join(results, f"{prefix}.md"))
+    return [json.load(open(os.path.join(results, f"{prefix}_{n}.json"))) for n in settings]
