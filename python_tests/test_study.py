@@ -97,3 +97,7 @@ def test_proxy_mode_refuses_a_prior_of_its_own(monkeypatch, tmp_path, capsys):
                      "--results", str(tmp_path / "r")])
     assert code == 2 and "do not also give prior or prior_run" in capsys.readouterr().err
     assert calls == [] and not (tmp_path / "r").exists()
+    code = cli.main(["study", "--proxy", "--methods", "stratified", "--settings", "two", "--out",
+                     str(tmp_path / "s"), "--results", str(tmp_path / "r")])
+    assert code == 2 and "methods must include aioli" in capsys.readouterr().err
+    assert calls == [] and not (tmp_path / "r").exists()

@@ -326,14 +326,17 @@ def test_reference_run_gives_doremi_the_runs_final_validation_losses(corpus, pro
     (["--prior-run", "{root}/proxy-s0", "--groups", "code,noise"], r"prior_run: .* has groups"),
     (["--prior-run", "{root}/broken"], r"prior_run: '.*broken.result\.json' is not the result\.json of a finished"),
     (["--method", "doremi", "--reference-run", "{root}/ghost"], r"reference_run: '.*ghost' does not exist"),
+    (["--prior-run", "{root}/nomix"], r"prior_run: '.*nomix.result\.json' holds no 'proportions'"),
     (["--prior-run", " "], r"prior_run must be the path of a finished run"),
 ])
 def test_bad_prior_or_reference_run_is_a_clear_error(corpus, proxy_runs, tmp_path, capsys, flags, message):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "result.json").write_text('{"groups": ')
+    (tmp_path / "nomix").mkdir()
+    (tmp_path / "nomix" / "result.json").write_text(json.dumps({"groups": ["prose", "code", "noise"]}))
     root = str(proxy_runs)
-    flags = [f.replace("{root}", root if "broken" not in f else str(tmp_path)).replace("{{seed}}", "{seed}")
+    flags = [f.replace("{root}", str(tmp_path) if "broken" in f or "nomix" in f else root).replace("{{seed}}", "{seed}")
              for f in flags]
     assert cli(["train", "--corpus", corpus, "--out", str(tmp_path / "run"), "--no-progress", *flags]) == 2
     assert __import__("re").search(message, capsys.readouterr().err)

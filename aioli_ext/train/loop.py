@@ -47,8 +47,8 @@ def lr_at(step, cfg):
     return cfg.lr * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def finished_run(path, setting, seed, groups):
-    """The result of a finished run that a setting names: ``path`` is its folder or its result.json, with
+def finished_run(path, setting, seed, groups, key):
+    """``result[key]`` of a finished run that a setting names: ``path`` is its folder or its result.json, with
     ``{seed}`` replaced by ``seed`` (so one setting serves every seed of a ``compare``). ``groups``: this run's
     group names, or an int (only the count is checked). Raises RunError naming ``setting``."""
     path = path.replace("{seed}", str(seed))
@@ -68,14 +68,16 @@ def finished_run(path, setting, seed, groups):
     elif theirs != list(groups):
         raise RunError(f"{setting}: {path!r} has groups {theirs}, this run has {list(groups)} (same names, same "
                        f"order)")
-    return result
+    if not result.get(key):
+        raise RunError(f"{setting}: {path!r} holds no {key!r}; it is not the {RESULT} of a finished run")
+    return result[key]
 
 
 def _reference_losses(cfg, groups):
     if cfg.reference_losses is not None:
         return [float(x) for x in cfg.reference_losses]
     if cfg.reference_run is not None:
-        return finished_run(cfg.reference_run, "reference_run", cfg.seed, groups)["final_val_loss"]
+        return finished_run(cfg.reference_run, "reference_run", cfg.seed, groups, "final_val_loss")
     # Without a reference model every excess loss is the loss itself: DoReMi then favours the hardest groups.
     return [0.0] * (groups if isinstance(groups, int) else len(groups))
 
@@ -84,7 +86,7 @@ def _prior(cfg, groups):
     if cfg.prior_run is None:
         return cfg.prior
     # The mixture of the finished run's last step: for Aioli, its last round's mixture (rounds end in training).
-    return finished_run(cfg.prior_run, "prior_run", cfg.seed, groups)["proportions"][-1]
+    return finished_run(cfg.prior_run, "prior_run", cfg.seed, groups, "proportions")[-1]
 
 
 def build_mixer(cfg: TrainConfig, num_groups: int, groups=None):

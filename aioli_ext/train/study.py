@@ -51,6 +51,9 @@ def study(base, settings, methods, seeds, *, jobs, out, results, resume, progres
     if proxy and (base.prior is not None or base.prior_run is not None):
         raise RunError("study: the proxy mode sets Aioli's prior from the proxy runs; do not also give prior or "
                        "prior_run")
+    if proxy and "aioli" not in methods:
+        raise RunError(f"study: the proxy mode starts Aioli from the proxies; methods must include aioli, got "
+                       f"{methods}")
     os.makedirs(results, exist_ok=True)
     prefix = "study_prior" if proxy else "study"
     for name in settings:
