@@ -73,13 +73,13 @@ def finished_run(path, setting, seed, groups, key):
     return result[key]
 
 
-def _reference_losses(cfg, groups):
+def _reference_losses(cfg, num_groups, groups):
     if cfg.reference_losses is not None:
         return [float(x) for x in cfg.reference_losses]
     if cfg.reference_run is not None:
         return finished_run(cfg.reference_run, "reference_run", cfg.seed, groups, "final_val_loss")
     # Without a reference model every excess loss is the loss itself: DoReMi then favours the hardest groups.
-    return [0.0] * (groups if isinstance(groups, int) else len(groups))
+    return [0.0] * num_groups
 
 
 def _prior(cfg, groups):
@@ -110,7 +110,7 @@ def build_mixer(cfg: TrainConfig, num_groups: int, groups=None):
         return MIXERS["skillit"](num_groups, skills_graph=graph, update_steps=cfg.update_steps,
                                  eta=cfg.skillit_eta, window=cfg.skillit_window, rounds=cfg.rounds,
                                  total_steps=cfg.steps)
-    return MIXERS["doremi"](num_groups, reference_losses=_reference_losses(cfg, named),
+    return MIXERS["doremi"](num_groups, reference_losses=_reference_losses(cfg, num_groups, named),
                             update_steps=cfg.update_steps, step_size=cfg.doremi_step_size,
                             smoothing=cfg.doremi_smoothing, rounds=cfg.rounds, total_steps=cfg.steps)
 
