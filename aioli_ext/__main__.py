@@ -188,6 +188,9 @@ def build_parser():
     s.add_argument("--proxy", action="store_true",
                    help="first train Aioli on a smaller proxy model per seed, then start each Aioli run from its "
                         "proxy's last mixture (tables: study_prior_<setting>.*)")
+    s.add_argument("--proxy-one-hot", type=float, default=None,
+                   help="with --proxy: one_hot of the proxy's LearnParams sub-phases (default: 0.75; the main "
+                        "runs keep the setting's own)")
     return parser
 
 
@@ -250,9 +253,12 @@ def main(argv=None):
                                f"{args.settings!r}")
             if args.jobs < 1:
                 raise RunError(f"--jobs must be >= 1, got {args.jobs}")
+            if args.proxy_one_hot is not None and not args.proxy:
+                raise RunError("--proxy-one-hot sets the proxy runs' one_hot; give it together with --proxy")
             cfg = config_from_args(args, **({} if args.out else {"out": os.path.join("runs", "study")}))
             study(cfg, settings, args.methods, args.seeds, jobs=args.jobs, out=cfg.out, results=args.results,
-                  resume=args.resume, explicit=_explicit_settings(args), proxy=args.proxy)
+                  resume=args.resume, explicit=_explicit_settings(args), proxy=args.proxy,
+                  **({} if args.proxy_one_hot is None else {"proxy_one_hot": args.proxy_one_hot}))
             prefix = "study_prior" if args.proxy else "study"
             print(f"written: {args.results}/{prefix}.md and {prefix}_<setting>.json/.csv/.md/.png")
             return 0

@@ -74,12 +74,40 @@ def test_proxy_mode_trains_the_proxies_then_starts_aioli_from_them(monkeypatch, 
                                                                                    ["two", "three"]):
         assert small_methods == ["aioli"] and small_out == os.path.join(out, f"{name}-proxy")
         assert (small.d_model, small.layers, small.heads) == (64, 1, 2) and small.prior_run is None
-        # Everything but the model is the setting's own: groups, steps and the tuned Aioli settings.
-        assert small.replace(d_model=128, layers=2, heads=4) == main.replace(prior_run=None)
+        # The proxy's sub-phases use PROXY_ONE_HOT; the main runs keep the setting's tuned value.
+        assert small.one_hot == study_module.PROXY_ONE_HOT == 0.75
+        assert main.one_hot == study_module.TUNED[name].get("one_hot", TrainConfig().one_hot)
+        # Everything else is the setting's own: groups, steps and the other Aioli settings.
+        assert small.replace(d_model=128, layers=2, heads=4, one_hot=main.one_hot) == main.replace(prior_run=None)
         assert main.prior_run == os.path.join(out, f"{name}-proxy", "aioli-s{seed}")
         assert methods == ["stratified", "aioli"] and main_out == os.path.join(out, f"{name}-prior")
         assert (tmp_path / "r" / f"study_prior_{name}.md").is_file()
     assert (tmp_path / "r" / "study_prior.md").is_file() and not (tmp_path / "r" / "study.md").exists()
+    assert main.one_hot == 0.4 != small.one_hot  # the three-group setting, where the two differ
+
+
+def test_proxy_one_hot_reaches_the_proxies_only(monkeypatch, tmp_path):
+    calls = _captured_calls(monkeypatch)
+    monkeypatch.setattr(cli, "DEFAULT_CORPUS", str(tmp_path / "corpus"))
+    code = cli.main(["study", "--proxy", "--proxy-one-hot", "0.9", "--settings", "full", "--seeds", "0",
+                     "--out", str(tmp_path / "s"), "--results", str(tmp_path / "r")])
+    assert code == 0
+    (small, _, _), (main, _, _) = calls
+    assert small.one_hot == 0.9 and main.one_hot == study_module.TUNED["full"]["one_hot"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--proxy-one-hot", "0.9"], "give it together with --proxy"),
+    (["--proxy", "--proxy-one-hot", "1.5"], "proxy_one_hot (--proxy-one-hot) must be a number in (0, 1], got 1.5"),
+    (["--proxy", "--proxy-one-hot", "0"], "proxy_one_hot (--proxy-one-hot) must be a number in (0, 1], got 0.0"),
+])
+def test_bad_proxy_one_hot_is_refused_before_anything_runs(monkeypatch, tmp_path, capsys, flags, message):
+    calls = _captured_calls(monkeypatch)
+    monkeypatch.setattr(cli, "DEFAULT_CORPUS", str(tmp_path / "corpus"))
+    code = cli.main(["study", *flags, "--settings", "two", "--out", str(tmp_path / "s"),
+                     "--results", str(tmp_path / "r")])
+    assert code == 2 and message in capsys.readouterr().err
+    assert calls == [] and not (tmp_path / "r").exists()
 
 
 def test_proxy_model_halves_the_model_and_keeps_heads_dividing_the_width():

@@ -5,8 +5,9 @@ Each setting is one ``compare`` under ``<out>/<setting>``; its tables and plot a
 
 With ``proxy=True`` each setting is two compares: first Aioli on a smaller proxy model (``proxy_model``) under
 ``<out>/<setting>-proxy``, then the methods under ``<out>/<setting>-prior`` with Aioli started from the proxy
-of the same seed (``prior_run``, restricted mode); tables go to ``<results>/study_prior_<setting>.*`` and
-``<results>/study_prior.md``.
+of the same seed (``prior_run``, restricted mode). The proxy keeps the setting's steps, seeds and Aioli
+settings except its model (``proxy_model``) and one_hot (``PROXY_ONE_HOT``); tables go to
+``<results>/study_prior_<setting>.*`` and ``<results>/study_prior.md``.
 """
 import json
 import os
@@ -36,6 +37,15 @@ TUNED = {
 }
 
 
+# The proxy's one_hot, chosen on validation of the tuning seeds (bench/results/proxy_prior.md). A LearnParams
+# sub-phase with one_hot h puts a share h of its batches on one group. The tuned 0.4 and 0.3 of three and seven
+# groups protect the main model from those bursts, at a price: un-mixing the smoothed sub-phases amplifies the
+# estimate's noise 1/(h - (1 - h)/(k - 1)) times for k groups (10x and 5.5x). The proxy's model is thrown away
+# after its run, so it can take the bursts of 0.75 (1.6x and 1.4x); its last mixture then moves further, and
+# alike across seeds.
+PROXY_ONE_HOT = 0.75
+
+
 def proxy_model(cfg):
     """The proxy's model: half the width, half the layers and half the heads of ``cfg``'s (at least 1 each);
     with the defaults (d 128, 2 layers, 4 heads) a d 64, 1-layer, 2-head GPT that trains in about a quarter
@@ -45,15 +55,20 @@ def proxy_model(cfg):
     return {"d_model": width, "layers": max(1, cfg.layers // 2), "heads": heads}
 
 
-def study(base, settings, methods, seeds, *, jobs, out, results, resume, progress=True, explicit=(), proxy=False):
+def study(base, settings, methods, seeds, *, jobs, out, results, resume, progress=True, explicit=(), proxy=False,
+          proxy_one_hot=PROXY_ONE_HOT):
     """``explicit``: names of settings the user gave (flags or config file); TUNED never overrides them.
-    ``proxy``: start every Aioli run from the last mixture of a proxy Aioli run of the same seed (see above)."""
+    ``proxy``: start every Aioli run from the last mixture of a proxy Aioli run of the same seed (see above),
+    whose LearnParams sub-phases use ``proxy_one_hot``."""
     if proxy and (base.prior is not None or base.prior_run is not None):
         raise RunError("study: the proxy mode sets Aioli's prior from the proxy runs; do not also give prior or "
                        "prior_run")
     if proxy and "aioli" not in methods:
         raise RunError(f"study: the proxy mode starts Aioli from the proxies; methods must include aioli, got "
                        f"{methods}")
+    if proxy and (isinstance(proxy_one_hot, bool) or not isinstance(proxy_one_hot, (int, float))
+                  or not 0.0 < proxy_one_hot <= 1.0):
+        raise RunError(f"study: proxy_one_hot (--proxy-one-hot) must be a number in (0, 1], got {proxy_one_hot!r}")
     os.makedirs(results, exist_ok=True)
     prefix = "study_prior" if proxy else "study"
     for name in settings:
@@ -64,13 +79,21 @@ def study(base, settings, methods, seeds, *, jobs, out, results, resume, progres
         if proxy:
             proxies = os.path.join(out, f"{name}-proxy")
             small = proxy_model(cfg)
-            compare(cfg.replace(**small), ["aioli"], seeds, jobs=jobs, out=proxies, resume=resume,
-                    progress=progress, title=f"{title} (proxy: d {small['d_model']}, {small['layers']} layers)")
+            compare(cfg.replace(one_hot=proxy_one_hot, **small), ["aioli"], seeds, jobs=jobs, out=proxies,
+                    resume=resume, progress=progress,
+                    title=f"{title} (proxy: d {small['d_model']}, {small['layers']} layers, one_hot {proxy_one_hot})")
             cfg = cfg.replace(prior_run=os.path.join(proxies, "aioli-s{seed}"))
             title += ", Aioli from the proxy's mixture"
         compare(cfg, methods, seeds, jobs=jobs, out=folder, resume=resume, progress=progress, title=title)
         for ext in ("json", "csv", "md", "png"):
             shutil.copyfile(os.path.join(folder, f"compare.{ext}"), os.path.join(results, f"{prefix}_{name}.{ext}"))
+    gather(results, prefix)
+    return [json.load(open(os.path.join(results, f"{prefix}_{n}.json"))) for n in settings]
+
+
+def gather(results, prefix):
+    """Write ``<results>/<prefix>.md`` from every setting's ``<prefix>_<setting>.md`` found there, so a study
+    run on some settings keeps the tables of the others."""
     parts = []
     for name in SETTINGS:
         path = os.path.join(results, f"{prefix}_{name}.md")
@@ -79,4 +102,3 @@ def study(base, settings, methods, seeds, *, jobs, out, results, resume, progres
                 parts.append(handle.read())
             parts.append(f"![{name}]({prefix}_{name}.png)\n")
     write_text_atomic("\n".join(parts), os.path.join(results, f"{prefix}.md"))
-    return [json.load(open(os.path.join(results, f"{prefix}_{n}.json"))) for n in settings]
