@@ -59,12 +59,15 @@ def plot_compare(results, path, title=""):
         ax.legend(fontsize=7, loc="upper right")
     ax = axes[-1]
     styles = {"stratified": "--"}
+    # With more than three groups the legend names each group once, on the first method's lines (any method:
+    # a compare of stratified alone has no mixing method).
+    first = next(iter(by_method))
     for method, runs in by_method.items():
         steps = [c["step"] for c in runs[0]["val_curve"]]
         for g, name in enumerate(groups):
             mean = [sum(r["val_curve"][i]["losses"][g] for r in runs) / len(runs) for i in range(len(steps))]
             ax.plot(steps, mean, styles.get(method, "-"), color=COLORS[g % 10],
-                    label=f"{name} ({method})" if len(groups) <= 3 else (name if method == mixing[0] else None),
+                    label=f"{name} ({method})" if len(groups) <= 3 else (name if method == first else None),
                     linewidth=1.2)
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss (nats/token)")
