@@ -98,8 +98,9 @@ def test_proxy_one_hot_reaches_the_proxies_only(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--proxy-one-hot", "0.9"], "give it together with --proxy"),
-    (["--proxy", "--proxy-one-hot", "1.5"], "proxy_one_hot (--proxy-one-hot) must be a number in (0, 1], got 1.5"),
-    (["--proxy", "--proxy-one-hot", "0"], "proxy_one_hot (--proxy-one-hot) must be a number in (0, 1], got 0.0"),
+    (["--proxy", "--proxy-one-hot", "1.5"], "the proxy's one_hot (--proxy-one-hot): one_hot must be <= 1.0, got 1.5"),
+    (["--proxy", "--proxy-one-hot", "0"], "the proxy's one_hot (--proxy-one-hot): one_hot must be > 0.0, got 0.0"),
+    (["--proxy", "--proxy-one-hot", "nan"], "the proxy's one_hot (--proxy-one-hot): one_hot must be a finite number"),
 ])
 def test_bad_proxy_one_hot_is_refused_before_anything_runs(monkeypatch, tmp_path, capsys, flags, message):
     calls = _captured_calls(monkeypatch)

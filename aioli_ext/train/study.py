@@ -15,6 +15,7 @@ import shutil
 
 from .checkpoint import write_text_atomic
 from .compare import compare
+from .config import TrainConfig, validate
 from .loop import RunError
 
 SETTINGS = {
@@ -48,8 +49,8 @@ PROXY_ONE_HOT = 0.75
 
 def proxy_model(cfg):
     """The proxy's model: half the width, half the layers and half the heads of ``cfg``'s (at least 1 each);
-    with the defaults (d 128, 2 layers, 4 heads) a d 64, 1-layer, 2-head GPT that trains in about a quarter
-    of the time of a run of the full model on the machine here."""
+    with the defaults (d 128, 2 layers, 4 heads) a d 64, 1-layer, 2-head GPT with about a fifth of the full
+    model's FLOPs (a third of its time on one thread here: 11.6 s against 34.0 s for 300 steps)."""
     heads = max(1, cfg.heads // 2)
     width = max(heads, cfg.d_model // 2 // heads * heads)
     return {"d_model": width, "layers": max(1, cfg.layers // 2), "heads": heads}
@@ -66,9 +67,11 @@ def study(base, settings, methods, seeds, *, jobs, out, results, resume, progres
     if proxy and "aioli" not in methods:
         raise RunError(f"study: the proxy mode starts Aioli from the proxies; methods must include aioli, got "
                        f"{methods}")
-    if proxy and (isinstance(proxy_one_hot, bool) or not isinstance(proxy_one_hot, (int, float))
-                  or not 0.0 < proxy_one_hot <= 1.0):
-        raise RunError(f"study: proxy_one_hot (--proxy-one-hot) must be a number in (0, 1], got {proxy_one_hot!r}")
+    if proxy:
+        try:  # the run settings' own rule for one_hot, checked before anything runs
+            validate(TrainConfig(one_hot=proxy_one_hot))
+        except ValueError as exc:
+            raise RunError(f"study: the proxy's one_hot (--proxy-one-hot): {exc}") from None
     os.makedirs(results, exist_ok=True)
     prefix = "study_prior" if proxy else "study"
     for name in settings:
