@@ -308,6 +308,23 @@ def test_prior_run_starts_aioli_from_the_proxys_last_mixture(corpus, proxy_runs,
     _same_run(direct, json.load(open(tmp_path / "named-s1" / "result.json")))
 
 
+def test_resume_refuses_a_prior_run_that_changed_since_the_run_started(corpus, proxy_runs, tmp_path):
+    proxy = tmp_path / "proxy"
+    proxy.mkdir()
+    result = json.load(open(proxy_runs / "proxy-s0" / "result.json"))
+    (proxy / "result.json").write_text(json.dumps(result))
+    cfg = tiny(corpus, tmp_path / "run", prior_run=str(proxy))
+    assert train(cfg, stop_at_step=7) is None
+    # The same file: the run resumes and equals an uninterrupted one.
+    _same_run(train(cfg, resume=True), train(cfg.replace(out=str(tmp_path / "whole"))))
+    assert train(cfg.replace(out=str(tmp_path / "part")), stop_at_step=7) is None
+    result["proportions"][-1] = [0.5, 0.25, 0.25]  # the proxy was run again and ended elsewhere
+    (proxy / "result.json").write_text(json.dumps(result))
+    with pytest.raises(RunError, match=r"--resume: prior_run '.*proxy' now holds the mixture \[0\.5, 0\.25, 0\.25\], "
+                                       r"but .*part.checkpoint\.pt started from \[0\.\d+, "):
+        train(cfg.replace(out=str(tmp_path / "part")), resume=True)
+
+
 def test_reference_run_gives_doremi_the_runs_final_validation_losses(corpus, proxy_runs, tmp_path):
     proxy = json.load(open(proxy_runs / "proxy-s1" / "result.json"))
     named = train(tiny(corpus, tmp_path / "named", method="doremi", seed=1,
