@@ -234,6 +234,26 @@ def test_callback_refuses_a_plain_trainer_and_bad_settings(tmp_path):
         other.load_state_dict(used.state_dict())
 
 
+@needs_hf
+@pytest.mark.parametrize("hook, found", [
+    (lambda self, epoch_iterator, num_batches: None, r"has get_batch_samples\(epoch_iterator, num_batches\)"),
+    (None, "has no such method")])
+def test_trainer_without_the_batch_hook_fails_when_built(tmp_path, hook, found):
+    """A transformers whose Trainer lacks get_batch_samples(epoch_iterator, num_batches, device), where the
+    mixin draws each step's batches, is refused before training, with what it has instead."""
+    from aioli_ext.integrations.huggingface import MixingTrainerMixin
+
+    reshaped = type("Reshaped", (Trainer,), {"get_batch_samples": hook})
+    mixing = type("MixingReshaped", (MixingTrainerMixin, reshaped), {})
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to=[],
+                             use_cpu=True, disable_tqdm=True)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=CONTEXT, n_embd=32, n_layer=1, n_head=2))
+    with pytest.raises(TypeError, match=r"draws each step's batches in Trainer\.get_batch_samples\(epoch_iterator, "
+                                        r"num_batches, device\).*MixingReshaped under transformers [\d.]+ " + found):
+        mixing(model=model, args=args, train_dataset=RecordingDataset(_synthetic_groups(8, seed=0)),
+               callbacks=[MixingCallback(Stratified(3), lambda m: None, group_sizes=[8, 8, 8])])
+
+
 def test_importing_the_package_does_not_import_transformers():
     code = ("import sys, aioli_ext, aioli_ext.integrations; "
             "assert 'transformers' not in sys.modules, 'transformers was imported'; "

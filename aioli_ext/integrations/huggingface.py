@@ -28,6 +28,7 @@ Checkpoints: each ``checkpoint-N`` folder the Trainer writes gets ``aioli_mixing
 and RNG, sampler cursors, step); ``trainer.train(resume_from_checkpoint=...)`` restores it, so a resumed run
 draws the same samples and takes the same mixing decisions as an uninterrupted one.
 """
+import inspect
 import os
 
 import torch
@@ -230,6 +231,26 @@ class MixingCallback(TrainerCallback):
         save_checkpoint(self.state_dict(), os.path.join(folder, MIXING_STATE_FILE))
 
 
+_BATCH_HOOK = "get_batch_samples"
+_BATCH_HOOK_PARAMETERS = ("epoch_iterator", "num_batches", "device")
+
+
+def _check_batch_hook(cls):
+    """The mixin draws each step's batches in ``Trainer.get_batch_samples``, which transformers does not document
+    (4.50 to 5.x call it once per optimizer step with these parameters). Fail when the trainer is built, naming
+    what was found, rather than mid-run if a transformers release renames or reshapes it."""
+    mro = cls.__mro__
+    hook = next((vars(base)[_BATCH_HOOK] for base in mro[mro.index(MixingTrainerMixin) + 1:]
+                 if _BATCH_HOOK in vars(base)), None)
+    found = tuple(inspect.signature(hook).parameters)[1:] if callable(hook) else None
+    if found != _BATCH_HOOK_PARAMETERS:
+        import transformers
+        has = "no such method" if found is None else f"{_BATCH_HOOK}({', '.join(found)})"
+        raise TypeError(f"MixingTrainer draws each step's batches in Trainer.{_BATCH_HOOK}"
+                        f"({', '.join(_BATCH_HOOK_PARAMETERS)}), as transformers 4.50 to 5.x define it; "
+                        f"{cls.__name__} under transformers {transformers.__version__} has {has}")
+
+
 class MixingTrainerMixin:
     """Put first in the bases of a ``transformers.Trainer`` subclass; needs exactly one :class:`MixingCallback`
     in ``callbacks``. Overrides ``get_train_dataloader`` (step ticks), ``get_batch_samples`` (draws each
@@ -237,6 +258,7 @@ class MixingTrainerMixin:
     mixing state on resume)."""
 
     def __init__(self, *args, **kwargs):
+        _check_batch_hook(type(self))
         super().__init__(*args, **kwargs)
         found = [cb for cb in self.callback_handler.callbacks if isinstance(cb, MixingCallback)]
         if len(found) != 1:
