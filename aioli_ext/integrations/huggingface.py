@@ -237,8 +237,8 @@ _BATCH_HOOK_PARAMETERS = ("epoch_iterator", "num_batches", "device")
 
 def _check_batch_hook(cls):
     """The mixin draws each step's batches in ``Trainer.get_batch_samples``, which transformers does not document
-    (4.50 to 5.x call it once per optimizer step with these parameters). Fail when the trainer is built, naming
-    what was found, rather than mid-run if a transformers release renames or reshapes it."""
+    (the Trainer calls it once per optimizer step with these parameters; tested with transformers 5.24). Fail when
+    the trainer is built, naming what was found, rather than mid-run if a transformers release reshapes it."""
     mro = cls.__mro__
     hook = next((vars(base)[_BATCH_HOOK] for base in mro[mro.index(MixingTrainerMixin) + 1:]
                  if _BATCH_HOOK in vars(base)), None)
@@ -247,7 +247,7 @@ def _check_batch_hook(cls):
         import transformers
         has = "no such method" if found is None else f"{_BATCH_HOOK}({', '.join(found)})"
         raise TypeError(f"MixingTrainer draws each step's batches in Trainer.{_BATCH_HOOK}"
-                        f"({', '.join(_BATCH_HOOK_PARAMETERS)}), as transformers 4.50 to 5.x define it; "
+                        f"({', '.join(_BATCH_HOOK_PARAMETERS)}), an undocumented transformers method; "
                         f"{cls.__name__} under transformers {transformers.__version__} has {has}")
 
 
