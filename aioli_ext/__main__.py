@@ -189,8 +189,14 @@ def build_parser():
                    help="first train Aioli on a smaller proxy model per seed, then start each Aioli run from its "
                         "proxy's last mixture (tables: study_prior_<setting>.*)")
     s.add_argument("--proxy-one-hot", type=float, default=None,
-                   help="with --proxy: one_hot of the proxy's LearnParams sub-phases (default: 0.75; the main "
-                        "runs keep the setting's own)")
+                   help="with --proxy: one_hot of the proxy's LearnParams sub-phases (default: the setting's "
+                        "PROXY_TUNED value, 0.75; the main runs keep the setting's own)")
+    s.add_argument("--proxy-eta", type=float, default=None,
+                   help="with --proxy: the proxy's EG step size (default: the setting's PROXY_TUNED value, else "
+                        "--eta's)")
+    s.add_argument("--proxy-objective", choices=["loss", "perplexity"], default=None,
+                   help="with --proxy: the proxy's EG objective (default: the setting's PROXY_TUNED value, else "
+                        "--objective's)")
     return parser
 
 
@@ -253,12 +259,15 @@ def main(argv=None):
                                f"{args.settings!r}")
             if args.jobs < 1:
                 raise RunError(f"--jobs must be >= 1, got {args.jobs}")
-            if args.proxy_one_hot is not None and not args.proxy:
-                raise RunError("--proxy-one-hot sets the proxy runs' one_hot; give it together with --proxy")
+            proxy_settings = {key: getattr(args, f"proxy_{key}") for key in ("one_hot", "eta", "objective")
+                              if getattr(args, f"proxy_{key}") is not None}
+            if proxy_settings and not args.proxy:
+                flags = ", ".join(f"--proxy-{key.replace('_', '-')}" for key in proxy_settings)
+                raise RunError(f"{flags} set the proxy runs' settings; give them together with --proxy")
             cfg = config_from_args(args, **({} if args.out else {"out": os.path.join("runs", "study")}))
             study(cfg, settings, args.methods, args.seeds, jobs=args.jobs, out=cfg.out, results=args.results,
                   resume=args.resume, explicit=_explicit_settings(args), proxy=args.proxy,
-                  **({} if args.proxy_one_hot is None else {"proxy_one_hot": args.proxy_one_hot}))
+                  proxy_settings=proxy_settings)
             prefix = "study_prior" if args.proxy else "study"
             print(f"written: {args.results}/{prefix}.md and {prefix}_<setting>.json/.csv/.md/.png")
             return 0

@@ -7,6 +7,7 @@ import pytest
 from aioli_ext import __main__ as cli
 from aioli_ext.train import study as study_module
 from aioli_ext.train.config import TrainConfig
+from aioli_ext.train.loop import RunError
 
 
 @pytest.fixture
@@ -74,11 +75,15 @@ def test_proxy_mode_trains_the_proxies_then_starts_aioli_from_them(monkeypatch, 
                                                                                    ["two", "three"]):
         assert small_methods == ["aioli"] and small_out == os.path.join(out, f"{name}-proxy")
         assert (small.d_model, small.layers, small.heads) == (64, 1, 2) and small.prior_run is None
-        # The proxy's sub-phases use PROXY_ONE_HOT; the main runs keep the setting's tuned value.
-        assert small.one_hot == study_module.PROXY_ONE_HOT == 0.75
+        # The proxy runs with PROXY_TUNED's Aioli settings; the main runs keep the setting's tuned values.
+        tuned = study_module.PROXY_TUNED[name]
+        assert small.one_hot == tuned["one_hot"] == 0.75
+        assert all(getattr(small, key) == value for key, value in tuned.items())
         assert main.one_hot == study_module.TUNED[name].get("one_hot", TrainConfig().one_hot)
+        assert (main.eta, main.objective) == (TrainConfig().eta, TrainConfig().objective)
         # Everything else is the setting's own: groups, steps and the other Aioli settings.
-        assert small.replace(d_model=128, layers=2, heads=4, one_hot=main.one_hot) == main.replace(prior_run=None)
+        own = {key: getattr(main, key) for key in tuned}
+        assert small.replace(d_model=128, layers=2, heads=4, **own) == main.replace(prior_run=None)
         assert main.prior_run == os.path.join(out, f"{name}-proxy", "aioli-s{seed}")
         assert methods == ["stratified", "aioli"] and main_out == os.path.join(out, f"{name}-prior")
         assert (tmp_path / "r" / f"study_prior_{name}.md").is_file()
@@ -86,23 +91,46 @@ def test_proxy_mode_trains_the_proxies_then_starts_aioli_from_them(monkeypatch, 
     assert main.one_hot == 0.4 != small.one_hot  # the three-group setting, where the two differ
 
 
-def test_proxy_one_hot_reaches_the_proxies_only(monkeypatch, tmp_path):
+def test_proxy_flags_reach_the_proxies_only(monkeypatch, tmp_path):
     calls = _captured_calls(monkeypatch)
     monkeypatch.setattr(cli, "DEFAULT_CORPUS", str(tmp_path / "corpus"))
-    code = cli.main(["study", "--proxy", "--proxy-one-hot", "0.9", "--settings", "full", "--seeds", "0",
-                     "--out", str(tmp_path / "s"), "--results", str(tmp_path / "r")])
+    code = cli.main(["study", "--proxy", "--proxy-one-hot", "0.9", "--proxy-eta", "2.5", "--proxy-objective",
+                     "perplexity", "--settings", "full", "--seeds", "0", "--out", str(tmp_path / "s"),
+                     "--results", str(tmp_path / "r")])
     assert code == 0
     (small, _, _), (main, _, _) = calls
-    assert small.one_hot == 0.9 and main.one_hot == study_module.TUNED["full"]["one_hot"]
+    assert (small.one_hot, small.eta, small.objective) == (0.9, 2.5, "perplexity")
+    assert (main.one_hot, main.eta, main.objective) == (study_module.TUNED["full"]["one_hot"], 0.3, "loss")
+    # One flag changes its own setting; the others stay the setting's PROXY_TUNED values.
+    calls.clear()
+    assert cli.main(["study", "--proxy", "--proxy-eta", "0.6", "--settings", "two", "--seeds", "0",
+                     "--out", str(tmp_path / "s"), "--results", str(tmp_path / "r")]) == 0
+    (small, _, _), _ = calls
+    assert small.eta == 0.6 and small.one_hot == study_module.PROXY_TUNED["two"]["one_hot"]
+
+
+def test_study_function_refuses_unknown_or_orphan_proxy_settings(monkeypatch, tmp_path):
+    calls = _captured_calls(monkeypatch)
+    run = dict(jobs=1, out=str(tmp_path / "s"), results=str(tmp_path / "r"), resume=False, progress=False)
+    with pytest.raises(RunError, match=r"the proxy's settings may only be \['one_hot', 'eta', 'objective'\], "
+                                       r"got \['lr'\]"):
+        study_module.study(TrainConfig(), ["two"], ["aioli"], [0], proxy=True, proxy_settings={"lr": 0.1}, **run)
+    with pytest.raises(RunError, match=r"proxy settings \['eta'\] need the proxy mode"):
+        study_module.study(TrainConfig(), ["two"], ["aioli"], [0], proxy_settings={"eta": 1.0}, **run)
+    assert calls == [] and not (tmp_path / "r").exists()
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--proxy-one-hot", "0.9"], "give it together with --proxy"),
+    (["--proxy-one-hot", "0.9"], "--proxy-one-hot set the proxy runs' settings; give them together with --proxy"),
+    (["--proxy-eta", "1", "--proxy-objective", "perplexity"],
+     "--proxy-eta, --proxy-objective set the proxy runs' settings; give them together with --proxy"),
+    (["--proxy", "--proxy-eta", "0"], "the proxy's eta (--proxy-eta): eta must be > 0.0, got 0.0"),
+    (["--proxy", "--proxy-eta", "inf"], "the proxy's eta (--proxy-eta): eta must be a finite number"),
     (["--proxy", "--proxy-one-hot", "1.5"], "the proxy's one_hot (--proxy-one-hot): one_hot must be <= 1.0, got 1.5"),
     (["--proxy", "--proxy-one-hot", "0"], "the proxy's one_hot (--proxy-one-hot): one_hot must be > 0.0, got 0.0"),
     (["--proxy", "--proxy-one-hot", "nan"], "the proxy's one_hot (--proxy-one-hot): one_hot must be a finite number"),
 ])
-def test_bad_proxy_one_hot_is_refused_before_anything_runs(monkeypatch, tmp_path, capsys, flags, message):
+def test_bad_proxy_settings_are_refused_before_anything_runs(monkeypatch, tmp_path, capsys, flags, message):
     calls = _captured_calls(monkeypatch)
     monkeypatch.setattr(cli, "DEFAULT_CORPUS", str(tmp_path / "corpus"))
     code = cli.main(["study", *flags, "--settings", "two", "--out", str(tmp_path / "s"),

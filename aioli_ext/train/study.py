@@ -6,7 +6,7 @@ Each setting is one ``compare`` under ``<out>/<setting>``; its tables and plot a
 With ``proxy=True`` each setting is two compares: first Aioli on a smaller proxy model (``proxy_model``) under
 ``<out>/<setting>-proxy``, then the methods under ``<out>/<setting>-prior`` with Aioli started from the proxy
 of the same seed (``prior_run``, restricted mode). The proxy keeps the setting's steps, seeds and Aioli
-settings except its model (``proxy_model``) and one_hot (``PROXY_ONE_HOT``); tables go to
+settings except its model (``proxy_model``) and the Aioli settings of ``PROXY_TUNED``; tables go to
 ``<results>/study_prior_<setting>.*`` and ``<results>/study_prior.md``.
 """
 import json
@@ -38,13 +38,19 @@ TUNED = {
 }
 
 
-# The proxy's one_hot, chosen on validation of the tuning seeds (bench/results/proxy_prior.md). A LearnParams
-# sub-phase with one_hot h puts a share h of its batches on one group. The tuned 0.4 and 0.3 of three and seven
-# groups protect the main model from those bursts, at a price: un-mixing the smoothed sub-phases amplifies the
-# estimate's noise 1/(h - (1 - h)/(k - 1)) times for k groups (10x and 5.5x). The proxy's model is thrown away
-# after its run, so it can take the bursts of 0.75 (1.6x and 1.4x); its last mixture then moves further, and
-# alike across seeds.
-PROXY_ONE_HOT = 0.75
+# The proxy's Aioli settings per setting, chosen on validation of the tuning seeds (bench/results/proxy_prior.md);
+# the main runs keep TUNED's. one_hot: a LearnParams sub-phase with one_hot h puts a share h of its batches on
+# one group. The tuned 0.4 and 0.3 of three and seven groups protect the main model from those bursts, at a
+# price: un-mixing the smoothed sub-phases amplifies the estimate's noise 1/(h - (1 - h)/(k - 1)) times for k
+# groups (10x and 5.5x). The proxy's model is thrown away after its run, so it can take the bursts of 0.75
+# (1.6x and 1.4x); its last mixture then moves further, and alike across seeds.
+PROXY_TUNED = {
+    "two": {"one_hot": 0.75},
+    "three": {"one_hot": 0.75},
+    "full": {"one_hot": 0.75},
+}
+# What study(proxy_settings=...) and the --proxy-* flags may set for the proxies.
+PROXY_KEYS = ("one_hot", "eta", "objective")
 
 
 def proxy_model(cfg):
@@ -57,21 +63,28 @@ def proxy_model(cfg):
 
 
 def study(base, settings, methods, seeds, *, jobs, out, results, resume, progress=True, explicit=(), proxy=False,
-          proxy_one_hot=PROXY_ONE_HOT):
+          proxy_settings=None):
     """``explicit``: names of settings the user gave (flags or config file); TUNED never overrides them.
     ``proxy``: start every Aioli run from the last mixture of a proxy Aioli run of the same seed (see above),
-    whose LearnParams sub-phases use ``proxy_one_hot``."""
+    which runs with its setting's ``PROXY_TUNED`` Aioli settings, updated by ``proxy_settings`` (a dict over
+    ``PROXY_KEYS``)."""
+    proxy_settings = dict(proxy_settings or {})
     if proxy and (base.prior is not None or base.prior_run is not None):
         raise RunError("study: the proxy mode sets Aioli's prior from the proxy runs; do not also give prior or "
                        "prior_run")
     if proxy and "aioli" not in methods:
         raise RunError(f"study: the proxy mode starts Aioli from the proxies; methods must include aioli, got "
                        f"{methods}")
-    if proxy:
-        try:  # the run settings' own rule for one_hot, checked before anything runs
-            validate(TrainConfig(one_hot=proxy_one_hot))
+    if proxy_settings and not proxy:
+        raise RunError(f"study: proxy settings {sorted(proxy_settings)} need the proxy mode (--proxy)")
+    unknown = sorted(set(proxy_settings) - set(PROXY_KEYS))
+    if unknown:
+        raise RunError(f"study: the proxy's settings may only be {list(PROXY_KEYS)}, got {unknown}")
+    for key, value in proxy_settings.items():
+        try:  # the run settings' own rule for each, checked before anything runs
+            validate(TrainConfig(**{key: value}))
         except ValueError as exc:
-            raise RunError(f"study: the proxy's one_hot (--proxy-one-hot): {exc}") from None
+            raise RunError(f"study: the proxy's {key} (--proxy-{key.replace('_', '-')}): {exc}") from None
     os.makedirs(results, exist_ok=True)
     prefix = "study_prior" if proxy else "study"
     for name in settings:
@@ -82,9 +95,10 @@ def study(base, settings, methods, seeds, *, jobs, out, results, resume, progres
         if proxy:
             proxies = os.path.join(out, f"{name}-proxy")
             small = proxy_model(cfg)
-            compare(cfg.replace(one_hot=proxy_one_hot, **small), ["aioli"], seeds, jobs=jobs, out=proxies,
-                    resume=resume, progress=progress,
-                    title=f"{title} (proxy: d {small['d_model']}, {small['layers']} layers, one_hot {proxy_one_hot})")
+            aioli = {**PROXY_TUNED[name], **proxy_settings}
+            compare(cfg.replace(**aioli, **small), ["aioli"], seeds, jobs=jobs, out=proxies, resume=resume,
+                    progress=progress, title=f"{title} (proxy: d {small['d_model']}, {small['layers']} layers, "
+                                             + ", ".join(f"{k} {v}" for k, v in aioli.items()) + ")")
             cfg = cfg.replace(prior_run=os.path.join(proxies, "aioli-s{seed}"))
             title += ", Aioli from the proxy's mixture"
         compare(cfg, methods, seeds, jobs=jobs, out=folder, resume=resume, progress=progress, title=title)
