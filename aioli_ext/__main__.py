@@ -194,7 +194,8 @@ def build_parser():
     s.add_argument("--proxy-eta", type=float, default=None,
                    help="with --proxy: the proxy's EG step size (default: the setting's PROXY_TUNED value, else "
                         "--eta's)")
-    s.add_argument("--proxy-objective", choices=["loss", "perplexity"], default=None,
+    from .mixing.lmo import OBJECTIVES
+    s.add_argument("--proxy-objective", choices=OBJECTIVES, default=None,
                    help="with --proxy: the proxy's EG objective (default: the setting's PROXY_TUNED value, else "
                         "--objective's)")
     return parser
@@ -251,7 +252,7 @@ def main(argv=None):
             print(f"written: {cfg.out}/compare.json, compare.csv, compare.md, compare.png")
             return 0 if summary else 1
         if args.command == "study":
-            from .train.study import SETTINGS, study
+            from .train.study import PROXY_KEYS, SETTINGS, study
             settings = [s for s in args.settings.split(",") if s]
             unknown = [s for s in settings if s not in SETTINGS]
             if unknown or not settings:
@@ -259,7 +260,7 @@ def main(argv=None):
                                f"{args.settings!r}")
             if args.jobs < 1:
                 raise RunError(f"--jobs must be >= 1, got {args.jobs}")
-            proxy_settings = {key: getattr(args, f"proxy_{key}") for key in ("one_hot", "eta", "objective")
+            proxy_settings = {key: getattr(args, f"proxy_{key}") for key in PROXY_KEYS
                               if getattr(args, f"proxy_{key}") is not None}
             if proxy_settings and not args.proxy:
                 flags = ", ".join(f"--proxy-{key.replace('_', '-')}" for key in proxy_settings)

@@ -4,8 +4,8 @@ import io
 import pytest
 import torch
 
-from aioli_ext.mixing import (Aioli, DoReMi, LinearLawEnvironment, MixerProtocolError, SkillIt, Static, Stratified,
-                              largest_remainder, mixer_from_state_dict)
+from aioli_ext.mixing import (Aioli, DoReMi, LinearLawEnvironment, MixerProtocolError, MixerSettingsMismatch, SkillIt,
+                              Static, Stratified, largest_remainder, mixer_from_state_dict)
 
 F = torch.float64
 INTERACTION = torch.tensor([[3.0, 0.5, -0.4], [1.0, 2.0, 0.0], [0.5, 0.2, 0.8]], dtype=F) * 1e-2
@@ -82,8 +82,10 @@ def test_load_state_dict_into_a_freshly_built_mixer():
 def test_load_state_dict_rejects_other_settings_and_methods():
     state = FACTORIES["aioli"]().state_dict()
     other = Aioli(3, update_steps=25, lp_sweeps=2, lp_steps=2, one_hot=0.7, eta=0.6, seed=11)
-    with pytest.raises(ValueError, match=r"state was saved with different aioli settings \(eta: saved 0.5 vs 0.6\)"):
+    with pytest.raises(MixerSettingsMismatch, match=r"state was saved with different aioli settings \(eta: saved 0.5 "
+                                                   r"vs 0.6\)") as caught:
         other.load_state_dict(state)
+    assert caught.value.differing == {"eta": (0.5, 0.6)} and isinstance(caught.value, ValueError)
     with pytest.raises(ValueError, match=r"state was saved by a 'aioli' mixer, this mixer is 'stratified'"):
         Stratified(3).load_state_dict(state)
     with pytest.raises(ValueError, match=r"state must be a dict produced by Mixer.state_dict"):

@@ -13,7 +13,7 @@ from .aioli import Aioli
 from .allocation import largest_remainder, phase_group_counts
 from .base import Mixer, Phase
 from .baselines import DoReMi, RoundMixer, SkillIt, Static, Stratified, skills_graph_from_runs
-from .checks import MixerProtocolError
+from .checks import MixerProtocolError, MixerSettingsMismatch
 from .evaluator import GroupEvaluator
 from .lmo import (OBJECTIVES, eg_gradient, exponentiated_gradient_step, linear_dynamic_law, mix_with_uniform,
                   normalize_interaction, objective_weights, smoothed_one_hot, smoothing_matrix, unmix_smoothing)
@@ -35,7 +35,7 @@ def mixer_from_state_dict(state):
 
 
 __all__ = [
-    "Aioli", "DoReMi", "GroupEvaluator", "LinearLawEnvironment", "MIXERS", "Mixer", "MixerProtocolError",
+    "Aioli", "DoReMi", "GroupEvaluator", "LinearLawEnvironment", "MIXERS", "Mixer", "MixerProtocolError", "MixerSettingsMismatch",
     "MixingLog", "OBJECTIVES", "Phase", "RoundMixer", "SkillIt", "Static", "StaticLaw", "Stratified", "best_mixture",
     "eg_gradient", "exponentiated_gradient_step", "largest_remainder", "linear_dynamic_law", "mix_with_uniform",
     "mixer_from_state_dict", "normalize_interaction", "objective_weights", "phase_group_counts", "piecewise_interaction", "run_mixer",

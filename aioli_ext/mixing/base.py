@@ -20,7 +20,7 @@ was not observed, skipping an evaluation, observing at a step where none is due,
 import torch
 
 from .allocation import phase_group_counts
-from .checks import FLOAT, MixerProtocolError, as_losses, check_int, check_step
+from .checks import FLOAT, MixerProtocolError, MixerSettingsMismatch, as_losses, check_int, check_step
 from .log import MixingLog
 
 STATE_VERSION = 1
@@ -217,7 +217,8 @@ class Mixer:
                            or not _config_equal(saved[key], self._config[key]))
         if differing:
             details = ", ".join(f"{key}: saved {saved.get(key)!r} vs {self._config.get(key)!r}" for key in differing)
-            raise ValueError(f"state was saved with different {self.method} settings ({details})")
+            raise MixerSettingsMismatch(f"state was saved with different {self.method} settings ({details})",
+                                        {key: (saved.get(key), self._config.get(key)) for key in differing})
         self._phase = Phase.from_state(state["phase"])
         self._eval_due = None if state["eval_due"] is None else int(state["eval_due"])
         self.log.load_dict(state["log"])

@@ -16,6 +16,14 @@ class MixerProtocolError(RuntimeError):
     wrong step."""
 
 
+class MixerSettingsMismatch(ValueError):
+    """A state_dict was saved by a mixer with other settings. ``differing``: {setting: (saved, this mixer's)}."""
+
+    def __init__(self, message, differing):
+        super().__init__(message)
+        self.differing = differing
+
+
 def check_int(value, name, *, minimum=None):
     """Return ``value`` as an int; bools, floats and other types are rejected."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

@@ -24,7 +24,7 @@ import torch
 from .. import distributed
 from ..data import TokenStore
 from ..losses import group_linear_cross_entropy
-from ..mixing import MIXERS, GroupEvaluator
+from ..mixing import MIXERS, GroupEvaluator, MixerSettingsMismatch
 from ..model import GPT, GPTConfig
 from ..sampler import MixtureSampler
 from .checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
@@ -207,18 +207,18 @@ class Run:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.sampler.load_state_dict(state["sampler"])
-        if self.cfg.prior_run is not None:
-            # prior_run names a file, not a mixture: the run re-reads it on resume, and the file may have been
-            # replaced (a proxy run again) since the run started.
-            saved, ours = state["mixer"]["config"].get("prior"), self.mixer.config()["prior"]
-            if not (isinstance(saved, torch.Tensor) and torch.equal(saved.double(), ours.double())):
-                raise RunError(f"--resume: prior_run {self.cfg.prior_run!r} now holds the mixture "
-                               f"{[round(x, 4) for x in ours.tolist()]}, but {where} started from "
-                               f"{saved if saved is None else [round(x, 4) for x in saved.tolist()]}; restore that "
-                               f"run or start a new one (--overwrite)")
         try:
             self.mixer.load_state_dict(state["mixer"])
         except ValueError as exc:
+            differing = exc.differing if isinstance(exc, MixerSettingsMismatch) else {}
+            if self.cfg.prior_run is not None and "prior" in differing:
+                # prior_run names a file, not a mixture: the run re-reads it on resume, and the file may have
+                # been replaced (a proxy run again) since the run started.
+                saved, ours = ([round(x, 4) for x in p.tolist()] if p is not None else None
+                               for p in differing["prior"])
+                raise RunError(f"--resume: prior_run {self.cfg.prior_run!r} now holds the mixture {ours}, but "
+                               f"{where} started from {saved}; restore that run or start a new one "
+                               f"(--overwrite)") from None
             raise RunError(f"--resume: {where}: {exc}") from None
         torch.set_rng_state(state["torch_rng"])
         self.history = state["history"]
