@@ -439,6 +439,8 @@ def mixture_sample(
     batch_size: int,
     rank: int = 0,
     world_size: int = 1,
+    *,
+    out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Draw one global batch of ``batch_size`` slots and return this rank's slice.
 
@@ -452,13 +454,34 @@ def mixture_sample(
         capacity: [K] int64 per-group stream cap (max_epochs * size) on the device, or None.
         seed, step: the counter-based RNG key and call counter.
         batch_size: global batch size B (divisible by ``world_size``).
+        out: optional (sample_ids, group_ids) to write into instead of allocating: each exactly [B / world_size]
+            int64, contiguous, on the sampling device, sharing memory with no input (never resized).
 
     Returns:
         sample_ids [B / world_size] int64 and group_ids [B / world_size] int64, for slots
-        [rank * B / world_size, (rank + 1) * B / world_size) of the global batch.
+        [rank * B / world_size, (rank + 1) * B / world_size) of the global batch (the ``out`` tensors when given).
     """
-    return _ops.mixture_sample(group_ranges, csr_sample_ids, cumulative, guide, cursor, residual, capacity,
-                               seed, step, batch_size, rank, world_size)
+    if out is None:
+        return _ops.mixture_sample(group_ranges, csr_sample_ids, cumulative, guide, cursor, residual, capacity,
+                                   seed, step, batch_size, rank, world_size)
+    sample_ids, group_ids = sample_outputs(out, group_ranges.device)
+    _ops.mixture_sample_into(group_ranges, csr_sample_ids, cumulative, guide, cursor, residual, capacity, seed,
+                             step, batch_size, rank, world_size, sample_ids, group_ids)
+    return sample_ids, group_ids
+
+
+def sample_outputs(out, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Check the form of an ``out=`` pair before anything runs; the kernels check dtype, shape and overlap.
+
+    The device is checked here because the dispatcher would route an output on another device (a meta tensor,
+    say) to that device's kernel instead of failing."""
+    if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out)):
+        raise TypeError(f"out must be a (sample_ids, group_ids) pair of tensors, got {type(out).__name__}"
+                        + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else ""))
+    for name, tensor in zip(("sample_ids", "group_ids"), out):
+        if tensor.device != device:
+            raise ValueError(f"{name} (out) must be on the sampling device {device}, got {tensor.device}")
+    return out[0], out[1]
 
 
 def mixture_thresholds(
@@ -499,6 +522,18 @@ def _mixture_sample_fake(group_ranges, csr_sample_ids, cumulative, guide, cursor
     per_rank = batch_size // world_size
     return (group_ranges.new_empty((per_rank,), dtype=torch.int64),
             group_ranges.new_empty((per_rank,), dtype=torch.int64))
+
+
+@torch.library.register_fake("aioli_ext::mixture_sample_into")
+def _mixture_sample_into_fake(group_ranges, csr_sample_ids, cumulative, guide, cursor, residual, capacity, seed,
+                              step, batch_size, rank, world_size, sample_ids, group_ids):
+    expected = _mixture_sample_fake(group_ranges, csr_sample_ids, cumulative, guide, cursor, residual, capacity, seed,
+                                    step, batch_size, rank, world_size)[0].shape
+    for name, out in (("sample_ids", sample_ids), ("group_ids", group_ids)):
+        torch._check(out.dtype == torch.int64, lambda: f"{name} must be int64, got {out.dtype}")
+        torch._check(out.shape == expected,
+                     lambda: f"{name} must have shape [batch_size / world_size] = {list(expected)}, got "
+                             f"{list(out.shape)}")
 
 
 @torch.library.register_fake("aioli_ext::mixture_thresholds")

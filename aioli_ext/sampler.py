@@ -229,19 +229,27 @@ class MixtureSampler:
             raise ValueError(str(exc).split("\n")[0]) from None
         return p
 
-    def sample(self, batch_size: int, proportions: ArrayLike) -> Tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, batch_size: int, proportions: ArrayLike, *,
+               out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Draw the next global batch of ``batch_size`` slots and return this rank's slice.
 
         Args:
             batch_size: global batch size B >= 1, divisible by world_size.
             proportions: K non-negative finite weights (not all zero, zero on empty groups); normalised here.
+            out: optional (sample_ids, group_ids) to write the draws into, each exactly [B / world_size] int64,
+                contiguous, on the sampler's device (never resized). Reusing one pair across steps saves the
+                allocation and first-touch cost of fresh outputs; the draws are the same as without ``out``.
+                A refused ``out`` leaves the sampler's state as it was.
 
         Returns:
-            (sample_ids, group_ids): [B / world_size] int64 tensors on the sampler's device.
+            (sample_ids, group_ids): [B / world_size] int64 tensors on the sampler's device (the ``out`` tensors
+            when given).
         """
         batch_size = _check_int(batch_size, "batch_size", 1, 1 << 31)
         if batch_size % self.world_size:
             raise ValueError(f"batch_size ({batch_size}) must be divisible by world_size ({self.world_size})")
+        if out is not None:
+            out = ops.sample_outputs(out, self._ranges.device)
         if (self._capacity is None and isinstance(proportions, torch.Tensor) and proportions is self._last_object
                 and proportions._version == self._last_version):
             # The same, unmodified tensor as last call: skip the conversion and the O(K) comparison.
@@ -261,7 +269,7 @@ class MixtureSampler:
         try:
             ids, groups = ops.mixture_sample(self._ranges, self._csr, cumulative, guide, self._cursor,
                                              self._residual, self._capacity, self.seed, self.step, batch_size,
-                                             self.rank, self.world_size)
+                                             self.rank, self.world_size, out=out)
         except RuntimeError as exc:
             if backup is not None:
                 self._cursor.copy_(backup[0])

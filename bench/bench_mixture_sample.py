@@ -2,6 +2,7 @@
 
 Providers (one setup per case, all in this process, so the ratios are same-machine, same-moment):
   aioli_ext (iid / systematic)   MixtureSampler.sample: group per slot + position in a keyed permutation
+  aioli_ext (iid, out= reused)   the same draws written into one output pair kept across calls
   torch.multinomial              group ids only (no sample ids, no without-replacement bookkeeping)
   numpy choice + shuffled index  Generator.choice for groups, then a lookup in pre-shuffled per-group indices
                                  (cursor per group, stable argsort for the ranks; the shuffle is setup cost)
@@ -50,11 +51,16 @@ def make_case(num_groups, seed=0):
 # ------------------------------------------------------------------------------------------------------------
 # Providers: each make_* returns a zero-argument callable that draws one batch, and the batch size it draws.
 # ------------------------------------------------------------------------------------------------------------
-def make_aioli(sizes, p, mode="iid", device="cpu", batch=BATCH):
+def make_aioli(sizes, p, mode="iid", device="cpu", batch=BATCH, reuse_out=False):
+    """reuse_out: draw into one (sample_ids, group_ids) pair kept across calls (``sample(..., out=...)``)."""
     sampler = MixtureSampler(sizes, seed=0, mode=mode, device=device)
     proportions = torch.from_numpy(p)
-    sampler.sample(batch, proportions)  # builds the threshold tables once, as a training loop would
-    return (lambda: sampler.sample(batch, proportions)), batch
+    out = None
+    if reuse_out:
+        out = (torch.empty(batch, dtype=torch.int64, device=device),
+               torch.empty(batch, dtype=torch.int64, device=device))
+    sampler.sample(batch, proportions, out=out)  # builds the threshold tables once, as a training loop would
+    return (lambda: sampler.sample(batch, proportions, out=out)), batch
 
 
 def make_multinomial(sizes, p, device="cpu", batch=BATCH):
@@ -184,6 +190,8 @@ def run_cpu(repeats):
         cases = [
             ("aioli_ext MixtureSampler (iid)", "sample ids", make_aioli(sizes, p, "iid"), repeats),
             ("aioli_ext MixtureSampler (systematic)", "sample ids", make_aioli(sizes, p, "systematic"), repeats),
+            ("aioli_ext MixtureSampler (iid, out= reused)", "sample ids",
+             make_aioli(sizes, p, "iid", reuse_out=True), repeats),
             ("torch.multinomial", "group ids only", make_multinomial(sizes, p), repeats),
             ("numpy choice + shuffled index", "sample ids", make_numpy_choice(sizes, p), max(1, repeats // 2)),
             ("WeightedRandomSampler (per-sample weights)", "sample ids", make_weighted_random_sampler(sizes, p), 1),
@@ -212,6 +220,7 @@ def run_cuda(repeats):
         for name, (draw, batch) in [
             ("aioli_ext MixtureSampler (iid)", make_aioli(sizes, p, "iid", "cuda")),
             ("aioli_ext MixtureSampler (systematic)", make_aioli(sizes, p, "systematic", "cuda")),
+            ("aioli_ext MixtureSampler (iid, out= reused)", make_aioli(sizes, p, "iid", "cuda", reuse_out=True)),
             ("torch.multinomial", make_multinomial(sizes, p, "cuda")),
         ]:
             seconds, _ = time_call(draw, "cuda", repeats)
@@ -279,6 +288,7 @@ if pytest is not None:
     _PROVIDERS = {
         "aioli_iid": lambda sizes, p: make_aioli(sizes, p, "iid"),
         "aioli_systematic": lambda sizes, p: make_aioli(sizes, p, "systematic"),
+        "aioli_iid_out": lambda sizes, p: make_aioli(sizes, p, "iid", reuse_out=True),
         "multinomial": make_multinomial,
         "numpy_choice": make_numpy_choice,
     }

@@ -7,8 +7,11 @@
 #include <algorithm>
 #include <cstdint>
 #include <functional>
+#include <optional>
+#include <utility>
 #include <vector>
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -102,6 +105,43 @@ inline SampleShape check_sample_args(const at::Tensor& group_ranges, const std::
                      residual.has_value(),
                      capacity.has_value(),
                      csr_sample_ids.has_value()};
+}
+
+// Checks of the out= variant's caller-owned outputs, run before anything is written or advanced (a refused call
+// leaves the sampler state as it was). Each output must be exactly [batch_size / world_size] int64, contiguous,
+// on the index's device: they are written in place, never resized, so a buffer reused across steps keeps its
+// pages (the point of the variant). They may share memory neither with each other nor with any input, since
+// the kernels read the inputs while threads write outputs in no fixed order.
+inline void check_sample_outputs(const at::Tensor& sample_ids, const at::Tensor& group_ids, const SampleShape& shape,
+                                 const at::Tensor& group_ranges, const std::optional<at::Tensor>& csr_sample_ids,
+                                 const at::Tensor& cumulative, const at::Tensor& guide, const at::Tensor& cursor,
+                                 const std::optional<at::Tensor>& residual,
+                                 const std::optional<at::Tensor>& capacity) {
+  const std::pair<const at::Tensor*, const char*> inputs[] = {
+      {&group_ranges, "group_ranges"},
+      {csr_sample_ids ? &*csr_sample_ids : nullptr, "csr_sample_ids"},
+      {&cumulative, "cumulative"},
+      {&guide, "guide"},
+      {&cursor, "cursor"},
+      {residual ? &*residual : nullptr, "residual"},
+      {capacity ? &*capacity : nullptr, "capacity"}};
+  const int64_t per_rank = shape.slice_end - shape.slice_begin;
+  const std::pair<const at::Tensor*, const char*> outputs[] = {{&sample_ids, "sample_ids"},
+                                                               {&group_ids, "group_ids"}};
+  for (const auto& [out, name] : outputs) {
+    check_dtype(*out, name, {at::kLong}, "int64");
+    TORCH_CHECK(out->dim() == 1 && out->size(0) == per_rank, name, " must have shape [batch_size / world_size] = [",
+                per_rank, "], got ", out->sizes());
+    TORCH_CHECK(out->is_contiguous(), name, " must be contiguous");
+    check_same_device(*out, name, group_ranges, "group_ranges");
+    for (const auto& [input, input_name] : inputs) {
+      if (input == nullptr) continue;
+      TORCH_CHECK(at::get_overlap_status(*out, *input) == at::MemOverlapStatus::No, name,
+                  " must not share memory with ", input_name);
+    }
+  }
+  TORCH_CHECK(at::get_overlap_status(sample_ids, group_ids) == at::MemOverlapStatus::No,
+              "sample_ids and group_ids must not share memory");
 }
 
 // Systematic allocation of `batch_size` slots over the groups, carrying the fractional residual

@@ -50,6 +50,13 @@ TORCH_LIBRARY(aioli_ext, m) {
   m.def("mixture_sample(Tensor group_ranges, Tensor? csr_sample_ids, Tensor cumulative, "
         "Tensor guide, Tensor(a!) cursor, Tensor(b!)? residual, Tensor? capacity, int seed, int step, "
         "int batch_size, int rank, int world_size) -> (Tensor sample_ids, Tensor group_ids)");
+  // The same draws written into caller-owned outputs, each exactly [batch_size / world_size] int64, contiguous,
+  // on the index's device and sharing memory with no input (never resized): reusing them across steps saves the
+  // allocation and the first-touch page faults of fresh outputs.
+  // Returns nothing, as mutating custom ops must for torch.compile to functionalise them.
+  m.def("mixture_sample_into(Tensor group_ranges, Tensor? csr_sample_ids, Tensor cumulative, "
+        "Tensor guide, Tensor(a!) cursor, Tensor(b!)? residual, Tensor? capacity, int seed, int step, "
+        "int batch_size, int rank, int world_size, Tensor(c!) sample_ids, Tensor(d!) group_ids) -> ()");
   // Host-side table builder (CPU tensors): proportions [K] float32/float64 -> cumulative fixed-point thresholds
   // [K + 1] int64 (0 .. 2^62) and a guide table [next_pow2(K) + 1] int32. Groups where open_groups [K] bool is
   // false get weight zero.

@@ -568,6 +568,109 @@ def test_cuda_state_round_trips_through_cpu():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# out= variant
+# ---------------------------------------------------------------------------------------------------------------
+def _make_out_case(kind, mode, device):
+    sizes = [7, 300, 31, 0, 1200]
+    kwargs = dict(seed=5, mode=mode, device=device)
+    if kind == "csr":
+        indptr = np.concatenate([[0], np.cumsum(sizes)])
+        ids = np.random.default_rng(3).permutation(4 * sum(sizes))[:sum(sizes)]
+        return lambda: MixtureSampler.from_csr(indptr, ids, **kwargs)
+    if kind == "capped":
+        kwargs["max_epochs"] = 1  # the 7-sample group closes inside a call: the host redraw path writes into out
+    if kind == "ranks":
+        kwargs.update(rank=2, world_size=4)
+    return lambda: MixtureSampler(sizes, **kwargs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", ["ranges", "csr", "capped", "ranks"])
+def test_out_writes_the_same_draws_into_reused_buffers(kind, mode, device):
+    make = _make_out_case(kind, mode, device)
+    plain, into = make(), make()
+    gen = np.random.default_rng(8)
+    batch = 32
+    per_rank = batch // into.world_size
+    # Garbage in the reused buffers must be overwritten everywhere.
+    out = (torch.full((per_rank,), -7, dtype=torch.int64, device=device),
+           torch.full((per_rank,), -7, dtype=torch.int64, device=device))
+    pointers = (out[0].data_ptr(), out[1].data_ptr())
+    for _ in range(25):
+        p = gen.random(5)
+        p[3] = 0.0
+        expected = plain.sample(batch, p)
+        got = into.sample(batch, p, out=out)
+        assert got[0] is out[0] and got[1] is out[1]
+        assert (out[0].data_ptr(), out[1].data_ptr()) == pointers
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert torch.equal(into.cursor, plain.cursor) and into.step == plain.step
+    if kind == "capped":
+        assert into.exhausted_groups.tolist() == plain.exhausted_groups.tolist()
+        assert into.exhausted_groups.any()
+
+
+def test_out_variant_compiles_and_matches_the_eager_draws():
+    ranges = torch.tensor([[0, 40], [40, 60], [100, 5]])
+    cumulative, guide = ops.mixture_thresholds(torch.tensor([1.0, 2.0, 0.5]), ranges[:, 1].contiguous())
+
+    def draw(cursor, sample_ids, group_ids):
+        return ops.mixture_sample(ranges, None, cumulative, guide, cursor, None, None, 4, 0, 16,
+                                  out=(sample_ids, group_ids))
+
+    compiled = torch.compile(draw, fullgraph=True, backend="aot_eager")
+    eager_cursor, compiled_cursor = torch.zeros(3, dtype=torch.int64), torch.zeros(3, dtype=torch.int64)
+    eager = ops.mixture_sample(ranges, None, cumulative, guide, eager_cursor, None, None, 4, 0, 16)
+    out = (torch.empty(16, dtype=torch.int64), torch.empty(16, dtype=torch.int64))
+    compiled(compiled_cursor, *out)
+    assert torch.equal(out[0], eager[0]) and torch.equal(out[1], eager[1])
+    assert torch.equal(compiled_cursor, eager_cursor)
+
+
+def _bad_outs(sampler):
+    good = torch.empty(8, dtype=torch.int64)
+    return {
+        "short": ((torch.empty(7, dtype=torch.int64), good),
+                  ValueError, r"sample_ids must have shape \[batch_size / world_size\] = \[8\], got \[7\]"),
+        "2-D": ((good, torch.empty(2, 4, dtype=torch.int64)),
+                ValueError, r"group_ids must have shape \[batch_size / world_size\] = \[8\], got \[2, 4\]"),
+        "int32": ((good.int(), good.clone()), ValueError, "sample_ids must be int64, got Int"),
+        "strided": ((torch.empty(16, dtype=torch.int64)[::2], good), ValueError, "sample_ids must be contiguous"),
+        "same tensor": ((good, good), ValueError, "sample_ids and group_ids must not share memory"),
+        "overlapping": ((lambda base: (base[:8], base[4:]))(torch.empty(12, dtype=torch.int64)), ValueError,
+                        "sample_ids and group_ids must not share memory"),
+        "cursor": ((sampler._cursor, good), ValueError, "sample_ids must not share memory with cursor"),
+        "index": ((good, sampler._csr[:8]), ValueError, "group_ids must not share memory with csr_sample_ids"),
+        "meta": ((good, torch.empty(8, dtype=torch.int64, device="meta")), ValueError,
+                 r"group_ids \(out\) must be on the sampling device cpu, got meta"),
+        "one tensor": (good, TypeError, r"out must be a \(sample_ids, group_ids\) pair of tensors, got Tensor"),
+        "triple": ((good, good, good), TypeError, "pair of tensors, got tuple of length 3"),
+    }
+
+
+@pytest.mark.parametrize("case", ["short", "2-D", "int32", "strided", "same tensor", "overlapping", "cursor",
+                                  "index", "meta", "one tensor", "triple"])
+@pytest.mark.parametrize("mode", MODES)
+def test_bad_out_fails_with_a_clear_message_and_leaves_the_state(case, mode):
+    # K = 8 groups so a batch of 8 has the cursor's length: overlap, not shape, must be what refuses it.
+    sizes = [5, 9, 13, 2, 30, 1, 8, 4]
+    indptr = np.concatenate([[0], np.cumsum(sizes)])
+    make = lambda: MixtureSampler.from_csr(indptr, np.arange(sum(sizes))[::-1].copy(), seed=2, mode=mode)
+    sampler, reference_sampler = make(), make()
+    p = np.arange(1, 9, dtype=np.float64)
+    sampler.sample(8, p), reference_sampler.sample(8, p)
+    out, error, message = _bad_outs(sampler)[case]
+    cursor, step = sampler.cursor.clone(), sampler.step
+    with pytest.raises(error, match=message):
+        sampler.sample(8, p, out=out)
+    assert torch.equal(sampler.cursor, cursor) and sampler.step == step
+    # The next draw continues the stream as if the refused call never happened (residuals included).
+    expected, got = reference_sampler.sample(8, p), sampler.sample(8, p)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("proportions, message", [
@@ -644,6 +747,9 @@ def test_opcheck():
                               (ranges, None, cumulative, guide, torch.zeros(3, dtype=torch.int64), residual, None,
                                1, 0, 8, 1, 2),
                               test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(torch.ops.aioli_ext.mixture_sample_into.default,
+                              (ranges, None, cumulative, guide, torch.zeros(3, dtype=torch.int64), residual, None,
+                               1, 0, 8, 1, 2, torch.empty(4, dtype=torch.int64), torch.empty(4, dtype=torch.int64)))
 
 
 # ---------------------------------------------------------------------------------------------------------------

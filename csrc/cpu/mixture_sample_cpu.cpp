@@ -755,23 +755,20 @@ std::vector<int64_t> sample_systematic_round0(const mixture::SampleShape& shape,
   return concat(pending);
 }
 
-std::tuple<at::Tensor, at::Tensor> mixture_sample_cpu(
-    const at::Tensor& group_ranges, const std::optional<at::Tensor>& csr_sample_ids, const at::Tensor& cumulative,
-    const at::Tensor& guide, const at::Tensor& cursor, const std::optional<at::Tensor>& residual,
-    const std::optional<at::Tensor>& capacity, int64_t seed, int64_t step, int64_t batch_size, int64_t rank,
-    int64_t world_size) {
-  const mixture::SampleShape shape = mixture::check_sample_args(group_ranges, csr_sample_ids, cumulative, guide,
-                                                                cursor, residual, capacity, step, batch_size, rank,
-                                                                world_size);
+void check_threshold_table(const mixture::SampleShape& shape, const at::Tensor& cumulative) {
   const int64_t* cumulative_ptr = cumulative.data_ptr<int64_t>();
   TORCH_CHECK(static_cast<uint64_t>(cumulative_ptr[shape.num_groups]) == mixture::kThresholdTotal &&
                   cumulative_ptr[0] == 0,
               "cumulative must be a threshold table made by mixture_thresholds (from 0 to 2^62)");
-  const int64_t per_rank = shape.slice_end - shape.slice_begin;
-  at::Tensor out_ids = at::empty({per_rank}, group_ranges.options());
-  at::Tensor out_groups = at::empty({per_rank}, group_ranges.options());
-  advise_huge_pages(out_ids);
-  advise_huge_pages(out_groups);
+}
+
+// The draw itself, into outputs already checked (or freshly allocated) by the two entry points below.
+void sample_into(const mixture::SampleShape& shape, const at::Tensor& group_ranges,
+                 const std::optional<at::Tensor>& csr_sample_ids, const at::Tensor& cumulative,
+                 const at::Tensor& guide, const at::Tensor& cursor, const std::optional<at::Tensor>& residual,
+                 const std::optional<at::Tensor>& capacity, int64_t seed, int64_t step, const at::Tensor& out_ids,
+                 const at::Tensor& out_groups) {
+  const int64_t* cumulative_ptr = cumulative.data_ptr<int64_t>();
   const IndexView index{group_ranges.data_ptr<int64_t>(),
                         shape.csr ? csr_sample_ids->data_ptr<int64_t>() : nullptr, static_cast<uint64_t>(seed)};
   int64_t* cursor_ptr = cursor.data_ptr<int64_t>();
@@ -799,7 +796,42 @@ std::tuple<at::Tensor, at::Tensor> mixture_sample_cpu(
       }
     }
   }
+}
+
+std::tuple<at::Tensor, at::Tensor> mixture_sample_cpu(
+    const at::Tensor& group_ranges, const std::optional<at::Tensor>& csr_sample_ids, const at::Tensor& cumulative,
+    const at::Tensor& guide, const at::Tensor& cursor, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& capacity, int64_t seed, int64_t step, int64_t batch_size, int64_t rank,
+    int64_t world_size) {
+  const mixture::SampleShape shape = mixture::check_sample_args(group_ranges, csr_sample_ids, cumulative, guide,
+                                                                cursor, residual, capacity, step, batch_size, rank,
+                                                                world_size);
+  check_threshold_table(shape, cumulative);
+  const int64_t per_rank = shape.slice_end - shape.slice_begin;
+  at::Tensor out_ids = at::empty({per_rank}, group_ranges.options());
+  at::Tensor out_groups = at::empty({per_rank}, group_ranges.options());
+  advise_huge_pages(out_ids);
+  advise_huge_pages(out_groups);
+  sample_into(shape, group_ranges, csr_sample_ids, cumulative, guide, cursor, residual, capacity, seed, step, out_ids,
+              out_groups);
   return {out_ids, out_groups};
+}
+
+// The out= variant (mixture_sample_into): the same draws written into caller-owned outputs (no allocation, no
+// first-touch page faults when the caller reuses them across steps).
+void mixture_sample_into_cpu(
+    const at::Tensor& group_ranges, const std::optional<at::Tensor>& csr_sample_ids, const at::Tensor& cumulative,
+    const at::Tensor& guide, const at::Tensor& cursor, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& capacity, int64_t seed, int64_t step, int64_t batch_size, int64_t rank,
+    int64_t world_size, const at::Tensor& sample_ids, const at::Tensor& group_ids) {
+  const mixture::SampleShape shape = mixture::check_sample_args(group_ranges, csr_sample_ids, cumulative, guide,
+                                                                cursor, residual, capacity, step, batch_size, rank,
+                                                                world_size);
+  check_threshold_table(shape, cumulative);
+  mixture::check_sample_outputs(sample_ids, group_ids, shape, group_ranges, csr_sample_ids, cumulative, guide,
+                                cursor, residual, capacity);
+  sample_into(shape, group_ranges, csr_sample_ids, cumulative, guide, cursor, residual, capacity, seed, step,
+              sample_ids, group_ids);
 }
 
 // Proportions -> fixed-point cumulative thresholds (sum 2^62) and the guide table. Runs on the host for both
@@ -939,6 +971,7 @@ at::Tensor keyed_permutation_cpu(const at::Tensor& positions, int64_t n, int64_t
 
 TORCH_LIBRARY_IMPL(aioli_ext, CPU, m) {
   m.impl("mixture_sample", &mixture_sample_cpu);
+  m.impl("mixture_sample_into", &mixture_sample_into_cpu);
   m.impl("mixture_thresholds", &mixture_thresholds_cpu);
   m.impl("philox4x32", &philox4x32_cpu);
   m.impl("keyed_permutation", &keyed_permutation_cpu);

@@ -145,27 +145,30 @@ at::Tensor on_device(const at::Tensor& t, const at::Device& device) {
   return t.device() == device ? t : t.to(device, /*non_blocking=*/true);
 }
 
-std::tuple<at::Tensor, at::Tensor> mixture_sample_cuda(
+mixture::SampleShape check_cuda_sample_args(
     const at::Tensor& group_ranges, const std::optional<at::Tensor>& csr_sample_ids, const at::Tensor& cumulative,
     const at::Tensor& guide, const at::Tensor& cursor, const std::optional<at::Tensor>& residual,
-    const std::optional<at::Tensor>& capacity, int64_t seed, int64_t step, int64_t batch_size, int64_t rank,
-    int64_t world_size) {
+    const std::optional<at::Tensor>& capacity, int64_t step, int64_t batch_size, int64_t rank, int64_t world_size) {
   TORCH_CHECK(group_ranges.is_cuda(), "group_ranges must be a CUDA tensor for the CUDA kernel, got ",
               group_ranges.device());
   // The threshold tables may be CPU tensors: the systematic allocation reads them on the host.
+  return mixture::check_sample_args(group_ranges, csr_sample_ids, cumulative, guide, cursor, residual, capacity,
+                                    step, batch_size, rank, world_size, /*tables_may_be_on_host=*/true);
+}
+
+// The draw itself, into outputs already checked (or freshly allocated) by the two entry points below.
+void sample_into(const mixture::SampleShape& shape, const at::Tensor& group_ranges,
+                 const std::optional<at::Tensor>& csr_sample_ids, const at::Tensor& cumulative,
+                 const at::Tensor& guide, const at::Tensor& cursor, const std::optional<at::Tensor>& residual,
+                 const std::optional<at::Tensor>& capacity, int64_t seed, int64_t step, const at::Tensor& out_ids,
+                 const at::Tensor& out_groups) {
   const at::Device device = group_ranges.device();
   const at::Tensor cumulative_dev_or_host = cumulative;
-  const mixture::SampleShape shape =
-      mixture::check_sample_args(group_ranges, csr_sample_ids, cumulative, guide, cursor, residual, capacity, step,
-                                 batch_size, rank, world_size, /*tables_may_be_on_host=*/true);
   c10::cuda::CUDAGuard guard(device);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
 
   const int64_t num_groups = shape.num_groups;
   const int64_t batch = shape.batch_size;
-  const int64_t per_rank = shape.slice_end - shape.slice_begin;
-  at::Tensor out_ids = at::empty({per_rank}, group_ranges.options());
-  at::Tensor out_groups = at::empty({per_rank}, group_ranges.options());
   const DeviceIndex index{group_ranges.data_ptr<int64_t>(),
                           shape.csr ? csr_sample_ids->data_ptr<int64_t>() : nullptr, static_cast<uint64_t>(seed)};
   int64_t* cursor_ptr = cursor.data_ptr<int64_t>();
@@ -284,7 +287,35 @@ std::tuple<at::Tensor, at::Tensor> mixture_sample_cuda(
       }
     }
   }
+}
+
+std::tuple<at::Tensor, at::Tensor> mixture_sample_cuda(
+    const at::Tensor& group_ranges, const std::optional<at::Tensor>& csr_sample_ids, const at::Tensor& cumulative,
+    const at::Tensor& guide, const at::Tensor& cursor, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& capacity, int64_t seed, int64_t step, int64_t batch_size, int64_t rank,
+    int64_t world_size) {
+  const mixture::SampleShape shape = check_cuda_sample_args(group_ranges, csr_sample_ids, cumulative, guide, cursor,
+                                                            residual, capacity, step, batch_size, rank, world_size);
+  const int64_t per_rank = shape.slice_end - shape.slice_begin;
+  at::Tensor out_ids = at::empty({per_rank}, group_ranges.options());
+  at::Tensor out_groups = at::empty({per_rank}, group_ranges.options());
+  sample_into(shape, group_ranges, csr_sample_ids, cumulative, guide, cursor, residual, capacity, seed, step, out_ids,
+              out_groups);
   return {out_ids, out_groups};
+}
+
+// The out= variant (mixture_sample_into): the same draws written into caller-owned outputs (no allocation).
+void mixture_sample_into_cuda(
+    const at::Tensor& group_ranges, const std::optional<at::Tensor>& csr_sample_ids, const at::Tensor& cumulative,
+    const at::Tensor& guide, const at::Tensor& cursor, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& capacity, int64_t seed, int64_t step, int64_t batch_size, int64_t rank,
+    int64_t world_size, const at::Tensor& sample_ids, const at::Tensor& group_ids) {
+  const mixture::SampleShape shape = check_cuda_sample_args(group_ranges, csr_sample_ids, cumulative, guide, cursor,
+                                                            residual, capacity, step, batch_size, rank, world_size);
+  mixture::check_sample_outputs(sample_ids, group_ids, shape, group_ranges, csr_sample_ids, cumulative, guide,
+                                cursor, residual, capacity);
+  sample_into(shape, group_ranges, csr_sample_ids, cumulative, guide, cursor, residual, capacity, seed, step,
+              sample_ids, group_ids);
 }
 
 __global__ void philox4x32_kernel(int64_t n, const int64_t* counters, uint32_t k0, uint32_t k1, int64_t* out) {
@@ -356,6 +387,7 @@ at::Tensor keyed_permutation_cuda(const at::Tensor& positions, int64_t n, int64_
 
 TORCH_LIBRARY_IMPL(aioli_ext, CUDA, m) {
   m.impl("mixture_sample", &mixture_sample_cuda);
+  m.impl("mixture_sample_into", &mixture_sample_into_cuda);
   m.impl("philox4x32", &philox4x32_cuda);
   m.impl("keyed_permutation", &keyed_permutation_cuda);
 }
