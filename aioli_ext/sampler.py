@@ -239,7 +239,8 @@ class MixtureSampler:
             out: optional (sample_ids, group_ids) to write the draws into, each exactly [B / world_size] int64,
                 contiguous, on the sampler's device (never resized). Reusing one pair across steps saves the
                 allocation and first-touch cost of fresh outputs; the draws are the same as without ``out``.
-                A refused ``out`` leaves the sampler's state as it was.
+                A refused ``out`` leaves the sampler's state as it was; after any other failed call (all groups
+                exhausted under max_epochs) the state is restored too, but the contents of ``out`` are unspecified.
 
         Returns:
             (sample_ids, group_ids): [B / world_size] int64 tensors on the sampler's device (the ``out`` tensors
