@@ -260,11 +260,9 @@ def main(argv=None):
                                f"{args.settings!r}")
             if args.jobs < 1:
                 raise RunError(f"--jobs must be >= 1, got {args.jobs}")
+            # study() refuses proxy settings without --proxy, naming the flags, before anything runs.
             proxy_settings = {key: getattr(args, f"proxy_{key}") for key in PROXY_KEYS
                               if getattr(args, f"proxy_{key}") is not None}
-            if proxy_settings and not args.proxy:
-                flags = ", ".join(f"--proxy-{key.replace('_', '-')}" for key in proxy_settings)
-                raise RunError(f"{flags} set the proxy runs' settings; give them together with --proxy")
             cfg = config_from_args(args, **({} if args.out else {"out": os.path.join("runs", "study")}))
             study(cfg, settings, args.methods, args.seeds, jobs=args.jobs, out=cfg.out, results=args.results,
                   resume=args.resume, explicit=_explicit_settings(args), proxy=args.proxy,

@@ -249,8 +249,6 @@ class MixtureSampler:
         batch_size = _check_int(batch_size, "batch_size", 1, 1 << 31)
         if batch_size % self.world_size:
             raise ValueError(f"batch_size ({batch_size}) must be divisible by world_size ({self.world_size})")
-        if out is not None:
-            out = ops.sample_outputs(out, self._ranges.device)
         if (self._capacity is None and isinstance(proportions, torch.Tensor) and proportions is self._last_object
                 and proportions._version == self._last_version):
             # The same, unmodified tensor as last call: skip the conversion and the O(K) comparison.

@@ -115,7 +115,8 @@ def test_study_function_refuses_unknown_or_orphan_proxy_settings(monkeypatch, tm
     with pytest.raises(RunError, match=r"the proxy's settings may only be \['one_hot', 'eta', 'objective'\], "
                                        r"got \['lr'\]"):
         study_module.study(TrainConfig(), ["two"], ["aioli"], [0], proxy=True, proxy_settings={"lr": 0.1}, **run)
-    with pytest.raises(RunError, match=r"proxy settings \['eta'\] need the proxy mode"):
+    with pytest.raises(RunError, match=r"study: --proxy-eta set the proxy runs' settings; give them together "
+                                       r"with --proxy"):
         study_module.study(TrainConfig(), ["two"], ["aioli"], [0], proxy_settings={"eta": 1.0}, **run)
     assert calls == [] and not (tmp_path / "r").exists()
 

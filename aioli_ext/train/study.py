@@ -75,11 +75,12 @@ def study(base, settings, methods, seeds, *, jobs, out, results, resume, progres
     if proxy and "aioli" not in methods:
         raise RunError(f"study: the proxy mode starts Aioli from the proxies; methods must include aioli, got "
                        f"{methods}")
-    if proxy_settings and not proxy:
-        raise RunError(f"study: proxy settings {sorted(proxy_settings)} need the proxy mode (--proxy)")
     unknown = sorted(set(proxy_settings) - set(PROXY_KEYS))
     if unknown:
         raise RunError(f"study: the proxy's settings may only be {list(PROXY_KEYS)}, got {unknown}")
+    if proxy_settings and not proxy:
+        flags = ", ".join(f"--proxy-{key.replace('_', '-')}" for key in PROXY_KEYS if key in proxy_settings)
+        raise RunError(f"study: {flags} set the proxy runs' settings; give them together with --proxy")
     for key, value in proxy_settings.items():
         try:  # the run settings' own rule for each, checked before anything runs
             validate(TrainConfig(**{key: value}))
