@@ -190,7 +190,8 @@ def build_parser():
                         "proxy's last mixture (tables: study_prior_<setting>.*)")
     s.add_argument("--proxy-one-hot", type=float, default=None,
                    help="with --proxy: one_hot of the proxy's LearnParams sub-phases (default: the setting's "
-                        "PROXY_TUNED value, 0.75; the main runs keep the setting's own)")
+                        "PROXY_TUNED value, 0.75; the main runs keep their own: the setting's FROM_PROXY_TUNED, "
+                        "else TUNED value)")
     s.add_argument("--proxy-eta", type=float, default=None,
                    help="with --proxy: the proxy's EG step size (default: the setting's PROXY_TUNED value, else "
                         "--eta's)")

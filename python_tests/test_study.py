@@ -79,7 +79,8 @@ def test_proxy_mode_trains_the_proxies_then_starts_aioli_from_them(monkeypatch, 
         tuned = study_module.PROXY_TUNED[name]
         assert small.one_hot == tuned["one_hot"] == 0.75
         assert all(getattr(small, key) == value for key, value in tuned.items())
-        assert main.one_hot == study_module.TUNED[name].get("one_hot", TrainConfig().one_hot)
+        main_tuned = {**study_module.TUNED[name], **study_module.FROM_PROXY_TUNED.get(name, {})}
+        assert main.one_hot == main_tuned.get("one_hot", TrainConfig().one_hot)
         assert (main.eta, main.objective) == (TrainConfig().eta, TrainConfig().objective)
         # Everything else is the setting's own: groups, steps and the other Aioli settings.
         own = {key: getattr(main, key) for key in tuned}
@@ -91,6 +92,30 @@ def test_proxy_mode_trains_the_proxies_then_starts_aioli_from_them(monkeypatch, 
     assert main.one_hot == 0.4 != small.one_hot  # the three-group setting, where the two differ
 
 
+def test_main_runs_from_a_proxy_take_their_own_tuned_values(monkeypatch, tmp_path):
+    calls = _captured_calls(monkeypatch)
+    monkeypatch.setattr(study_module, "TUNED", {**study_module.TUNED, "two": {"one_hot": 0.4, "lr": 0.004}})
+    monkeypatch.setattr(study_module, "FROM_PROXY_TUNED", {"two": {"one_hot": 0.55, "eta": 0.7}})
+    monkeypatch.setattr(cli, "DEFAULT_CORPUS", str(tmp_path / "corpus"))
+    common = ["--settings", "two", "--seeds", "0", "--out", str(tmp_path / "s"), "--results", str(tmp_path / "r")]
+    assert cli.main(["study", "--proxy", *common]) == 0
+    (small, _, _), (main, _, _) = calls
+    # FROM_PROXY_TUNED reaches the main runs over TUNED; the proxy keeps PROXY_TUNED and the base settings.
+    assert (main.one_hot, main.eta, main.lr) == (0.55, 0.7, 0.004)
+    assert (small.one_hot, small.eta, small.lr) == (study_module.PROXY_TUNED["two"]["one_hot"], TrainConfig().eta,
+                                                    0.004)
+    # Without --proxy the runs start from uniform and keep TUNED's values.
+    calls.clear()
+    assert cli.main(["study", *common]) == 0
+    ((plain, _, _),) = calls
+    assert (plain.one_hot, plain.eta) == (0.4, TrainConfig().eta)
+    # A flag the user gives wins over both.
+    calls.clear()
+    assert cli.main(["study", "--proxy", "--one-hot", "0.35", *common]) == 0
+    (small, _, _), (main, _, _) = calls
+    assert (main.one_hot, main.eta) == (0.35, 0.7) and small.one_hot == study_module.PROXY_TUNED["two"]["one_hot"]
+
+
 def test_proxy_flags_reach_the_proxies_only(monkeypatch, tmp_path):
     calls = _captured_calls(monkeypatch)
     monkeypatch.setattr(cli, "DEFAULT_CORPUS", str(tmp_path / "corpus"))
@@ -100,7 +125,8 @@ def test_proxy_flags_reach_the_proxies_only(monkeypatch, tmp_path):
     assert code == 0
     (small, _, _), (main, _, _) = calls
     assert (small.one_hot, small.eta, small.objective) == (0.9, 2.5, "perplexity")
-    assert (main.one_hot, main.eta, main.objective) == (study_module.TUNED["full"]["one_hot"], 0.3, "loss")
+    assert (main.one_hot, main.eta, main.objective) == (study_module.FROM_PROXY_TUNED["full"]["one_hot"], 0.3,
+                                                        "loss")
     # One flag changes its own setting; the others stay the setting's PROXY_TUNED values.
     calls.clear()
     assert cli.main(["study", "--proxy", "--proxy-eta", "0.6", "--settings", "two", "--seeds", "0",
