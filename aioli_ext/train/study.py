@@ -51,10 +51,10 @@ PROXY_TUNED = {
     "full": {"one_hot": 0.75},
 }
 # The main Aioli runs' settings when they start from a proxy's mixture (over TUNED's), chosen on validation:
-# with seven groups the main run's one_hot 0.3 bursts cost every organic group 0.03-0.07 nats of validation
-# loss by step 600 against holding the proxy's mixture, whether or not the mixture moves (eta 1e-6 costs the
-# same), and 0.2 removes most of that lag (bench/results/full_main_one_hot.md: screened on seeds 0-9,
-# validation at step 1000; test on 20 seeds then moved from -0.001 to -0.021 against stratified).
+# with seven groups the main run with one_hot 0.3 is behind the proxy's mixture held static on every organic
+# group by step 600 (0.03-0.07 nats of validation loss), and no closer with its mixture frozen (eta 1e-6);
+# 0.2 keeps within a standard error of it (bench/results/full_main_one_hot.md: screened on seeds 0-9,
+# validation at step 1000; test, 20 seeds: -0.021 [-0.049, +0.007] against stratified).
 FROM_PROXY_TUNED = {
     "full": {"one_hot": 0.2},
 }
