@@ -19,8 +19,8 @@ def cpu_capability(force: Optional[str] = None) -> str:
     """Return the ISA the CPU kernels dispatch to ("default", "avx2" or "avx512").
 
     ``force=None`` only asks. A name pins that ISA (it must be supported by this CPU) for the whole process,
-    e.g. to test each vectorised path; ``force=""`` returns to the detected best. The environment variable AIOLI_EXT_CPU_CAPABILITY caps
-    the detected value.
+    e.g. to test each vectorised path; ``force=""`` returns to the detected best. The environment variable
+    AIOLI_EXT_CPU_CAPABILITY caps the detected value.
     """
     return _ops.cpu_capability(force)
 

@@ -36,8 +36,9 @@ def mixer_from_state_dict(state):
 
 __all__ = [
     "Aioli", "DoReMi", "GroupEvaluator", "LinearLawEnvironment", "MIXERS", "Mixer", "MixerProtocolError",
-    "MixerSettingsMismatch", "MixingLog", "OBJECTIVES", "Phase", "RoundMixer", "SkillIt", "Static", "StaticLaw", "Stratified", "best_mixture",
-    "eg_gradient", "exponentiated_gradient_step", "largest_remainder", "linear_dynamic_law", "mix_with_uniform",
-    "mixer_from_state_dict", "normalize_interaction", "objective_weights", "phase_group_counts", "piecewise_interaction", "run_mixer",
-    "simplex_grid", "skills_graph_from_runs", "smoothed_one_hot", "smoothing_matrix", "unmix_smoothing",
+    "MixerSettingsMismatch", "MixingLog", "OBJECTIVES", "Phase", "RoundMixer", "SkillIt", "Static", "StaticLaw",
+    "Stratified", "best_mixture", "eg_gradient", "exponentiated_gradient_step", "largest_remainder",
+    "linear_dynamic_law", "mix_with_uniform", "mixer_from_state_dict", "normalize_interaction", "objective_weights",
+    "phase_group_counts", "piecewise_interaction", "run_mixer", "simplex_grid", "skills_graph_from_runs",
+    "smoothed_one_hot", "smoothing_matrix", "unmix_smoothing",
 ]
