@@ -31,7 +31,9 @@ _HELP = {
     "test_windows": "test windows per group for the final perplexity",
     "update_steps": "Aioli/Skill-It/DoReMi: steps per round", "rounds": "number of rounds (default: as many as fit)",
     "lp_sweeps": "Aioli: LearnParams sweeps per round (k)", "lp_steps": "Aioli: steps per LearnParams sub-phase (s)",
-    "one_hot": "Aioli: mass on the hot group in a sub-phase", "eta": "Aioli: exponentiated-gradient step size",
+    "one_hot": "Aioli: mass on the hot group in a sub-phase (around uniform)",
+    "lp_base": "Aioli: what the LearnParams sub-phases perturb: uniform (the paper) or the current mixture",
+    "eta": "Aioli: exponentiated-gradient step size",
     "ema": "Aioli: EMA of the interaction matrix (default: cumulative EG)",
     "diagonal": "Aioli: estimate only the diagonal of A",
     "objective": "Aioli: what the EG step lowers: the sum of group losses (loss) or of perplexities (perplexity)",
@@ -81,7 +83,7 @@ def _json_parser(name):
 
 
 def add_config_flags(parser, skip=()):
-    from .mixing.lmo import OBJECTIVES
+    from .mixing.lmo import LP_BASES, OBJECTIVES
     from .train.config import METHODS, TrainConfig
     parser.add_argument("--config", help="JSON file of settings (keys = the flag names with underscores)")
     for f in dataclasses.fields(TrainConfig):
@@ -104,6 +106,8 @@ def add_config_flags(parser, skip=()):
             parser.add_argument(flag, choices=("iid", "systematic"), default=None, help=help_text)
         elif f.name == "objective":
             parser.add_argument(flag, choices=OBJECTIVES, default=None, help=help_text)
+        elif f.name == "lp_base":
+            parser.add_argument(flag, choices=LP_BASES, default=None, help=help_text)
         else:
             parser.add_argument(flag, type=kind, default=None, help=help_text)
 

@@ -27,7 +27,8 @@ Providers, all timed in the same process (so ratios compare like with like):
 
 Run:
   python bench/bench_group_cross_entropy.py [--quick] [--large]   # writes bench/results/group_cross_entropy_cpu.json
-  python -m pytest bench/bench_group_cross_entropy.py -q            # pytest-benchmark (AIOLI_BENCH_QUICK=1: fewer rounds)
+  python -m pytest bench/bench_group_cross_entropy.py -q            # pytest-benchmark
+  AIOLI_BENCH_QUICK=1 python -m pytest bench/bench_group_cross_entropy.py -q   # the same, fewer rounds
 """
 import argparse
 import contextlib

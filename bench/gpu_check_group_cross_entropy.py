@@ -57,7 +57,8 @@ def bench(f, iters=20):
     f(); f()
     if dev == "cuda":
         torch.cuda.synchronize(); a = torch.cuda.Event(enable_timing=True); b = torch.cuda.Event(enable_timing=True)
-        a.record(); [f() for _ in range(iters)]; b.record(); torch.cuda.synchronize(); return a.elapsed_time(b) / iters / 1e3
+        a.record(); [f() for _ in range(iters)]; b.record(); torch.cuda.synchronize()
+        return a.elapsed_time(b) / iters / 1e3
     import time; t0 = time.perf_counter(); [f() for _ in range(iters)]; return (time.perf_counter() - t0) / iters
 y = torch.empty_like(x); nbytes = x.numel() * x.element_size()
 t_copy = bench(lambda: y.copy_(x)); copy_bw = 2 * nbytes / t_copy
@@ -65,6 +66,7 @@ r1, r2 = op.group_cross_entropy(x, t, g, K, -100, 1), op.group_cross_entropy(x, 
 print("deterministic:", all(torch.equal(a, b) for a, b in zip(r1, r2)))
 for name, f, moved in [("forward", lambda: op.group_cross_entropy(x, t, g, K, -100, 1), nbytes),
                        ("with_grad", lambda: op.group_cross_entropy_with_grad(x, t, g, K, -100, 1, scale), 2 * nbytes),
-                       ("fused in-place", lambda: op.group_cross_entropy_fused(y, t, g, K, -100, 1, scale, y), 2 * nbytes)]:
+                       ("fused in-place", lambda: op.group_cross_entropy_fused(y, t, g, K, -100, 1, scale, y),
+                        2 * nbytes)]:
     sec = bench(f); print(f"{name:15s} [{N}, {V}] bf16: {sec * 1e3:8.3f} ms  {moved / sec / 1e9:7.1f} GB/s  "
                           f"= {moved / sec / copy_bw:5.1%} of copy ({copy_bw / 1e9:.0f} GB/s)")

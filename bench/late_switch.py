@@ -74,7 +74,8 @@ def main(argv=None):
     parser.add_argument("--groups", default="code,legal,noise")
     parser.add_argument("--seed", type=int, default=100)
     parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--schedule", default="0:uniform", help="step:mixture segments, e.g. 0:uniform,1500:0.45/0.45/0.1")
+    parser.add_argument("--schedule", default="0:uniform",
+                        help="step:mixture segments, e.g. 0:uniform,1500:0.45/0.45/0.1")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

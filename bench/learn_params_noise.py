@@ -60,8 +60,8 @@ def snapshot(run):
 
 
 def restore(run, state):
-    """Model, optimizer and sampler back to ``state``. The optimizer gets a copy: ``Optimizer.load_state_dict`` keeps the
-    given tensors (same dtype and device) as its state, and the next step would update them in place."""
+    """Model, optimizer and sampler back to ``state``. The optimizer gets a copy: ``Optimizer.load_state_dict``
+    keeps the given tensors (same dtype and device) as its state, and the next step would update them in place."""
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
     run.sampler = state["sampler"]
@@ -231,7 +231,8 @@ def main(argv=None):
                                        replicates=args.replicates, seed=args.seed, paired=paired)
                     columns = b.sum(dim=1)
                     found.append({"lp_steps": s, "subset": f"round of {args.sweeps} {'paired ' if paired else ''}"
-                                  f"sweeps, val {cfg.eval_windows}/group", "mean": b.mean(0).tolist(), "sd": b.std(0).tolist(),
+                                  f"sweeps, val {cfg.eval_windows}/group", "mean": b.mean(0).tolist(),
+                                  "sd": b.std(0).tolist(),
                                   "column_mean": columns.mean(0).tolist(), "column_sd": columns.std(0).tolist(),
                                   "pairs": pair_snr(columns, run.groups)})
                     drops.append(b.tolist())

@@ -828,5 +828,6 @@ def test_bad_fused_arguments(device):
         group_cross_entropy_fused(logits, targets, group_ids, 0)
     bad_ids = group_ids.clone()
     bad_ids[4] = 7
-    with pytest.raises(RuntimeError, match=r"group_ids must be in \[0, num_groups\) = \[0, 3\), got group_ids\[4\] = 7"):
+    with pytest.raises(RuntimeError,
+                       match=r"group_ids must be in \[0, num_groups\) = \[0, 3\), got group_ids\[4\] = 7"):
         group_cross_entropy_fused(logits, targets, bad_ids, 3)

@@ -45,6 +45,7 @@ def feed_round(mixer, start_losses, measured):
     (dict(update_steps=100, prior=[1, 1, 1], prior_steps=50, total_steps=120), r"steps do not fit"),
     (dict(update_steps=0), r"update_steps must be >= 1"),
     (dict(update_steps=100, objective="ppl"), r"objective must be one of \['loss', 'perplexity'\], got 'ppl'"),
+    (dict(update_steps=100, lp_base="current"), r"lp_base must be one of \['uniform', 'mixture'\], got 'current'"),
     (dict(update_steps=100, lp_steps=0), r"lp_steps must be >= 1"),
 ])
 def test_bad_settings_fail_up_front(settings, message):
@@ -91,6 +92,29 @@ def test_schedule_of_a_round():
     assert mixer.next_eval_step == 20
     # 1 + k·m evaluations per round, the round's closing one being the next round's opening one.
     assert [entry["step"] for entry in mixer.log.evaluations] == [0, 2, 4, 6, 8, 10, 12]
+
+
+def test_sub_phases_around_the_mixture_follow_it_from_round_to_round():
+    # c = (3·0.6 − 1)/2 = 0.4: sub-phase j trains on 0.6·p + 0.4·e_j, p being the round's mixture.
+    mixer = Aioli(3, update_steps=20, lp_sweeps=1, lp_steps=2, one_hot=0.6, lp_base="mixture", eta=2.0,
+                  prior=[0.6, 0.3, 0.1], prior_steps=4, seed=3)
+    for _ in range(3):
+        p = mixer.proportions(mixer.next_eval_step - 1)
+        start = mixer.next_eval_step
+        mixer.observe(start, [5.0, 5.0, 5.0])
+        drawn, losses = torch.zeros(3, dtype=F), torch.full((3,), 5.0, dtype=F)
+        for sub_phase in range(3):
+            phase = mixer.phase(start + 2 * sub_phase)
+            assert phase.label == "learn_params"
+            expected = 0.6 * p + 0.4 * torch.eye(3, dtype=F)[phase.group]
+            assert torch.allclose(mixer.proportions(phase.start), expected, rtol=0, atol=1e-15)
+            drawn += expected / 3
+            drops = torch.tensor([[0.3, 0.1, 0.0], [0.05, 0.2, 0.0], [0.0, 0.1, 0.1]], dtype=F)
+            losses = losses - drops[:, phase.group]
+            mixer.observe(phase.stop, losses)
+        # Averaged over the sweep the sub-phases drew 0.6·p + 0.4/3, not uniform.
+        assert torch.allclose(drawn, 0.6 * p + 0.4 / 3, rtol=0, atol=1e-15)
+        assert not torch.allclose(mixer.proportions(start + 6), p)  # the EG step moved p for the next round
 
 
 def test_sweep_orders_are_fresh_every_round_and_reproducible():
@@ -146,13 +170,27 @@ def test_measurements_average_over_sweeps():
     assert torch.allclose(mixer.interaction, torch.tensor([[0.5, 0.1], [0.2, 0.3]], dtype=F), rtol=0, atol=1e-13)
 
 
+def around_mixture(measured, one_hot, p, diagonal):
+    """A from B = A·W with W's columns (1 − c)·p + c·e_j, solved directly (not with the closed form)."""
+    m = p.numel()
+    c = (m * one_hot - 1) / (m - 1)
+    weights = (1 - c) * p[:, None] + c * torch.eye(m, dtype=F)
+    if diagonal:
+        return torch.diag(torch.diagonal(measured) / torch.diagonal(weights))
+    return torch.linalg.solve(weights.T, measured.T).T
+
+
 def expected_rounds(measured_rounds, one_hot, eta, *, start, ema=None, diagonal=False, normalize=True,
-                    closing_losses=None):
+                    closing_losses=None, lp_base="uniform"):
     """``closing_losses`` (one [m] per round, the losses at the end of LearnParams) switch on the perplexity
-    objective: each row i of A is weighed by exp(L_i), scaled to mean 1."""
+    objective: each row i of A is weighed by exp(L_i), scaled to mean 1. ``lp_base="mixture"``: the
+    sub-phases perturbed the round's starting p."""
     p, smoothed, result = start.clone(), None, []
     for index, measured in enumerate(measured_rounds):
-        interaction = unmix_smoothing(measured, one_hot, diagonal=diagonal)
+        if lp_base == "mixture":
+            interaction = around_mixture(measured, one_hot, p, diagonal)
+        else:
+            interaction = unmix_smoothing(measured, one_hot, diagonal=diagonal)
         used = normalize_interaction(interaction) if normalize else interaction
         weights = torch.ones(len(start), dtype=F)
         if closing_losses is not None:
@@ -170,7 +208,10 @@ def expected_rounds(measured_rounds, one_hot, eta, *, start, ema=None, diagonal=
 @pytest.mark.parametrize("variant", [dict(), dict(ema=0.3), dict(diagonal=True), dict(normalize_A=False),
                                      dict(prior=[0.6, 0.3, 0.1], prior_steps=7),
                                      dict(prior=[0.6, 0.3, 0.1], prior_steps=7, ema=0.5),
-                                     dict(objective="perplexity"), dict(objective="perplexity", ema=0.4)])
+                                     dict(objective="perplexity"), dict(objective="perplexity", ema=0.4),
+                                     dict(lp_base="mixture"), dict(lp_base="mixture", diagonal=True),
+                                     dict(lp_base="mixture", prior=[0.6, 0.3, 0.1], prior_steps=7),
+                                     dict(lp_base="mixture", prior=[0.6, 0.3, 0.1], prior_steps=7, ema=0.5)])
 def test_rounds_follow_the_formulas(variant):
     generator = torch.Generator().manual_seed(5)
     measured_rounds = [torch.rand(3, 3, generator=generator, dtype=F) * 0.2 - 0.03 for _ in range(3)]
@@ -188,7 +229,8 @@ def test_rounds_follow_the_formulas(variant):
     closing = [opening - 2 * measured.sum(dim=1) for measured in measured_rounds]
     expected = expected_rounds(measured_rounds, 0.7, 0.8, start=start, ema=variant.get("ema"),
                                diagonal=variant.get("diagonal", False), normalize=variant.get("normalize_A", True),
-                               closing_losses=closing if variant.get("objective") == "perplexity" else None)
+                               closing_losses=closing if variant.get("objective") == "perplexity" else None,
+                               lp_base=variant.get("lp_base", "uniform"))
     for measured, p in zip(measured_rounds, expected):
         mix_start = feed_round(mixer, opening, measured)
         assert torch.allclose(mixer.proportions(mix_start), p, rtol=0, atol=1e-14)

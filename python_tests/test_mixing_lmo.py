@@ -81,6 +81,58 @@ def test_unmix_smoothing_matches_a_general_solve():
     assert torch.allclose(unmix_smoothing(measured, 0.4), interaction, rtol=0, atol=1e-12)
 
 
+def explicit_sub_phase_matrix(base, one_hot):
+    """W written out column by column from its definition: q^(j) = (1 − c)·b + c·e_j, c = (m·one_hot − 1)/(m − 1)."""
+    base = torch.as_tensor(base, dtype=F)
+    m = base.numel()
+    c = (m * one_hot - 1) / (m - 1)
+    return torch.stack([(1 - c) * base + c * torch.eye(m, dtype=F)[j] for j in range(m)], dim=1)
+
+
+@pytest.mark.parametrize("base", [[0.25, 0.25, 0.25, 0.25], [0.7, 0.1, 0.15, 0.05], [0.0, 0.5, 0.5, 0.0]])
+@pytest.mark.parametrize("one_hot", [0.3, 0.6, 1.0])
+def test_sub_phases_around_a_base(base, one_hot):
+    weights = smoothing_matrix(4, one_hot, base)
+    assert torch.allclose(weights, explicit_sub_phase_matrix(base, one_hot), rtol=0, atol=1e-15)
+    assert torch.allclose(weights.sum(dim=0), torch.ones(4, dtype=F), rtol=0, atol=1e-15)
+    for group in range(4):
+        assert torch.equal(smoothed_one_hot(4, group, one_hot, base), weights[:, group])
+    # The mean sub-phase mixture of a sweep is (1 − c)·b + c/m: the base, pulled toward uniform by c only.
+    c = (4 * one_hot - 1) / 3
+    expected_mean = (1 - c) * torch.tensor(base, dtype=F) + c / 4
+    assert torch.allclose(weights.mean(dim=1), expected_mean, rtol=0, atol=1e-15)
+    # Un-mixing recovers A exactly (to rounding), checked against a general solve of A·W = B.
+    interaction = torch.randn(4, 4, generator=torch.Generator().manual_seed(1), dtype=F)
+    measured = interaction @ weights
+    recovered = unmix_smoothing(measured, one_hot, base=base)
+    assert torch.allclose(recovered, torch.linalg.solve(weights.T, measured.T).T, rtol=0, atol=1e-11)
+    assert torch.allclose(recovered, interaction, rtol=0, atol=1e-11)
+    # Diagonal variant: A_ii = B_ii / W_ii.
+    diagonal = torch.diag(torch.tensor([0.5, 1.0, 2.0, 3.0], dtype=F))
+    assert torch.allclose(unmix_smoothing(diagonal @ weights, one_hot, base=base, diagonal=True), diagonal,
+                          rtol=0, atol=1e-14)
+
+
+def test_uniform_base_is_the_default():
+    uniform = [0.2] * 5
+    assert torch.allclose(smoothing_matrix(5, 0.4, uniform), smoothing_matrix(5, 0.4), rtol=0, atol=1e-15)
+    measured = torch.randn(5, 5, generator=torch.Generator().manual_seed(2), dtype=F)
+    assert torch.allclose(unmix_smoothing(measured, 0.4, base=uniform), unmix_smoothing(measured, 0.4),
+                          rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("base,message", [
+    ([0.5, 0.5], r"base must have shape \(3,\), got \(2,\)"),
+    ([0.5, -0.1, 0.6], r"base must be non-negative"),
+    ([0.0, 0.0, 0.0], r"base must have a positive sum"),
+])
+def test_bad_base_is_rejected(base, message):
+    with pytest.raises(ValueError, match=message):
+        smoothing_matrix(3, 0.6, base)
+    with pytest.raises(ValueError, match=message):
+        unmix_smoothing(torch.eye(3, dtype=F), 0.6, base=base)
+
+
 def test_normalize_interaction_by_hand():
     # min -1 -> shift to [[2, 0], [3, 1]], sum 6.
     result = normalize_interaction([[1.0, -1.0], [2.0, 0.0]])

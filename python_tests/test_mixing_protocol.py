@@ -14,6 +14,8 @@ FACTORIES = {
     "aioli": lambda: Aioli(3, update_steps=25, lp_sweeps=2, lp_steps=2, one_hot=0.7, eta=0.5, seed=11),
     "aioli_ema_prior": lambda: Aioli(3, update_steps=20, lp_sweeps=1, lp_steps=3, one_hot=0.8, eta=0.5, ema=0.4,
                                      prior=[0.5, 0.3, 0.2], prior_steps=9, rounds=4, seed=2),
+    "aioli_mixture_base": lambda: Aioli(3, update_steps=20, lp_sweeps=1, lp_steps=3, one_hot=0.6, lp_base="mixture",
+                                        eta=0.5, prior=[0.5, 0.3, 0.2], prior_steps=9, seed=5),
     "skillit": lambda: SkillIt(3, skills_graph=torch.eye(3) + 0.1, update_steps=15, eta=0.3, window=2),
     "doremi": lambda: DoReMi(3, reference_losses=[4.0, 4.5, 4.2], update_steps=10, step_size=0.5),
     "static": lambda: Static(3, [0.2, 0.5, 0.3]),
@@ -92,6 +94,15 @@ def test_load_state_dict_rejects_other_settings_and_methods():
         other.load_state_dict([1, 2])
     with pytest.raises(ValueError, match=r"state must come from Mixer.state_dict\(\) of one of"):
         mixer_from_state_dict({"method": "unknown"})
+
+
+def test_state_saved_before_lp_base_existed_loads_as_uniform():
+    state = FACTORIES["aioli"]().state_dict()
+    del state["config"]["lp_base"]
+    FACTORIES["aioli"]().load_state_dict(state)
+    around = Aioli(3, update_steps=25, lp_sweeps=2, lp_steps=2, one_hot=0.7, eta=0.5, seed=11, lp_base="mixture")
+    with pytest.raises(MixerSettingsMismatch, match=r"\(lp_base: saved 'uniform' vs 'mixture'\)"):
+        around.load_state_dict(state)
 
 
 def test_misuse_raises():

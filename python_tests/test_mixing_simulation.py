@@ -98,7 +98,8 @@ def test_doremi_follows_its_definition_in_the_simulation():
     # Group 1 stays far above its reference; groups 0 and 2 soon fall below theirs (no excess, no push).
     reference = torch.tensor([4.9, 3.0, 4.95], dtype=F)
     mixer = DoReMi(3, reference_losses=reference, update_steps=20, step_size=2.0, smoothing=1e-3)
-    env = LinearLawEnvironment([5.0] * 3, drifting_interaction_matrices(1)[0], train_noise=1e-3, eval_noise=1e-3, seed=3)
+    env = LinearLawEnvironment([5.0] * 3, drifting_interaction_matrices(1)[0], train_noise=1e-3, eval_noise=1e-3,
+                               seed=3)
     run_mixer(mixer, env, 400)
     steps, losses = mixer.log.evaluation_table()
     table = mixer.log.proportions_per_step(400)
@@ -113,7 +114,8 @@ def test_doremi_follows_its_definition_in_the_simulation():
 def test_skillit_follows_its_definition_in_the_simulation():
     graph = torch.eye(3, dtype=F)
     mixer = SkillIt(3, skills_graph=graph, update_steps=25, eta=0.5, window=2)
-    env = LinearLawEnvironment([4.0, 6.0, 5.0], drifting_interaction_matrices(1)[0], train_noise=1e-3, eval_noise=1e-3, seed=5)
+    env = LinearLawEnvironment([4.0, 6.0, 5.0], drifting_interaction_matrices(1)[0], train_noise=1e-3,
+                               eval_noise=1e-3, seed=5)
     run_mixer(mixer, env, 200)
     steps, losses = mixer.log.evaluation_table()
     table = mixer.log.proportions_per_step(200)

@@ -16,6 +16,7 @@ from aioli_ext.__main__ import main as cli
 from aioli_ext.data import write_token_store
 from aioli_ext.train import RunError, TrainConfig, compare, t_interval, train
 from aioli_ext.train.compare import markdown
+from aioli_ext.train.config import validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,6 +90,28 @@ def test_resume_refuses_other_settings(corpus, tmp_path):
         train(cfg.replace(eta=0.5), resume=True)
     with pytest.raises(RunError, match="already holds a run; pass --resume"):
         train(cfg)
+
+
+def test_lp_base_reaches_the_mixer_and_old_checkpoints_resume(corpus, tmp_path):
+    cfg = tiny(corpus, tmp_path / "run", lp_base="mixture", prior=[0.6, 0.3, 0.1], prior_steps=4, update_steps=10,
+               one_hot=0.6)
+    whole = train(cfg.replace(out=str(tmp_path / "whole")))
+    # The first round's sub-phases: 0.6·prior + 0.4·e_j (c = (3·0.6 − 1)/2).
+    first = [entry for entry in whole["mixing_log"]["phases"] if entry["label"] == "learn_params"][:3]
+    for entry in first:
+        expected = [0.6 * x + (0.4 if j == entry["group"] else 0.0) for j, x in enumerate([0.6, 0.3, 0.1])]
+        assert entry["proportions"] == pytest.approx(expected, abs=1e-12)
+    # A checkpoint written before lp_base existed (its settings lack the key) resumes as the uniform base.
+    old = tiny(corpus, tmp_path / "old")
+    train(old, stop_at_step=7)
+    path = tmp_path / "old" / "checkpoint.pt"
+    state = torch.load(path, weights_only=False)
+    del state["settings"]["lp_base"]
+    del state["mixer"]["config"]["lp_base"]
+    torch.save(state, path)
+    with pytest.raises(RunError, match=r"other settings \(lp_base: 'uniform' -> 'mixture'\)"):
+        train(old.replace(lp_base="mixture"), resume=True)
+    _same_run(train(old.replace(out=str(tmp_path / "old-whole"))), train(old, resume=True))
 
 
 def test_resume_of_a_finished_run_returns_it_only_for_the_same_settings(corpus, tmp_path):
@@ -244,6 +267,7 @@ def test_corrupt_token_file_is_a_clear_error(corpus, tmp_path, capsys):
     (["--one-hot", "fast"], "argument --one-hot: invalid float value: 'fast'"),
     (["--bogus-flag", "1"], "unrecognized arguments: --bogus-flag 1"),
     (["--sampler-mode", "random"], "argument --sampler-mode: invalid choice: 'random'"),
+    (["--lp-base", "current"], "argument --lp-base: invalid choice: 'current'"),
 ])
 def test_unknown_method_or_flag_is_a_usage_error(corpus, tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -272,11 +296,15 @@ def test_config_file_sets_every_aioli_setting_and_flags_win(corpus, tmp_path):
     from aioli_ext.__main__ import build_parser, config_from_args
     path = tmp_path / "run.json"
     path.write_text(json.dumps({"eta": 0.7, "one_hot": 0.9, "lp_sweeps": 3, "lp_steps": 5, "update_steps": 250,
-                                "ema": 0.5, "diagonal": True, "prior": [0.2, 0.8], "prior_steps": 100}))
+                                "ema": 0.5, "diagonal": True, "prior": [0.2, 0.8], "prior_steps": 100,
+                                "lp_base": "mixture"}))
     args = build_parser().parse_args(["train", "--config", str(path), "--eta", "0.2"])
     cfg = config_from_args(args)
     assert (cfg.eta, cfg.one_hot, cfg.lp_sweeps, cfg.lp_steps, cfg.update_steps) == (0.2, 0.9, 3, 5, 250)
-    assert (cfg.ema, cfg.diagonal, cfg.prior, cfg.prior_steps) == (0.5, True, [0.2, 0.8], 100)
+    assert (cfg.ema, cfg.diagonal, cfg.prior, cfg.prior_steps, cfg.lp_base) == (0.5, True, [0.2, 0.8], 100, "mixture")
+    path.write_text(json.dumps({"lp_base": "current"}))
+    with pytest.raises(ValueError, match=r"lp_base must be one of \['uniform', 'mixture'\], got 'current'"):
+        validate(config_from_args(build_parser().parse_args(["train", "--config", str(path)])))
     path.write_text(json.dumps({"etta": 1}))
     with pytest.raises(ValueError, match=r"unknown settings \['etta'\]"):
         config_from_args(build_parser().parse_args(["train", "--config", str(path)]))

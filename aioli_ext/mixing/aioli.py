@@ -11,7 +11,7 @@ import torch
 
 from .base import Mixer, uniform
 from .checks import FLOAT, as_proportions, check_bool, check_float, check_int, check_optional_int
-from .lmo import (OBJECTIVES, check_one_hot, eg_gradient, exponentiated_gradient_step, normalize_interaction,
+from .lmo import (LP_BASES, OBJECTIVES, check_one_hot, eg_gradient, exponentiated_gradient_step, normalize_interaction,
                   objective_weights, smoothed_one_hot, unmix_smoothing)
 
 
@@ -23,7 +23,11 @@ class Aioli(Mixer):
         update_steps: U, steps per round (LearnParams included).
         lp_sweeps: k, sweeps over the m groups per round (each sweep visits them in a fresh random order).
         lp_steps: s, training steps per LearnParams sub-phase.
-        one_hot: mass of the hot group in each sub-phase's mixture, in (1/m, 1].
+        one_hot: mass of the hot group in each sub-phase's mixture, in (1/m, 1] (with the uniform base).
+        lp_base: what the sub-phases perturb: ``"uniform"`` (the paper: q^(j) = (1 − c)/m + c·e_j) or
+            ``"mixture"``, the round's current p (q^(j) = (1 − c)·p + c·e_j), with c = (m·one_hot − 1)/(m − 1)
+            either way. Around uniform, the sub-phases pull the drawn data toward uniform for k·m·s steps of
+            every round; around p they keep it near p, and A is measured where the EG step uses it.
         eta: EG step size η > 0.
         ema: None for cumulative EG p ← p·exp(η Σ_i A_ij); else γ in [0, 1): E ← (1−γ)·A + γ·E (E = A in the
             first round) and p ∝ p_start·exp(η Σ_i E_ij) from the starting proportions.
@@ -50,16 +54,20 @@ class Aioli(Mixer):
     """
 
     method = "aioli"
+    # Settings added after states were saved, with the value older states behaved as.
+    config_added = {"lp_base": "uniform"}
 
-    def __init__(self, num_groups, *, update_steps, lp_sweeps=4, lp_steps=4, one_hot=0.625, eta=0.2, ema=None,
-                 normalize_A=True, diagonal=False, objective="loss", prior=None, prior_steps=0, rounds=None, total_steps=None,
-                 seed=0):
+    def __init__(self, num_groups, *, update_steps, lp_sweeps=4, lp_steps=4, one_hot=0.625, lp_base="uniform",
+                 eta=0.2, ema=None, normalize_A=True, diagonal=False, objective="loss", prior=None, prior_steps=0,
+                 rounds=None, total_steps=None, seed=0):
         super().__init__(num_groups, min_groups=2)
         m = self.num_groups
         update_steps = check_int(update_steps, "update_steps", minimum=1)
         lp_sweeps = check_int(lp_sweeps, "lp_sweeps", minimum=1)
         lp_steps = check_int(lp_steps, "lp_steps", minimum=1)
         one_hot = check_one_hot(one_hot, m)
+        if lp_base not in LP_BASES:
+            raise ValueError(f"lp_base must be one of {list(LP_BASES)}, got {lp_base!r}")
         eta = check_float(eta, "eta", low=0.0, low_open=True)
         ema = None if ema is None else check_float(ema, "ema", low=0.0, high=1.0, high_open=True)
         normalize_A = check_bool(normalize_A, "normalize_A")
@@ -93,13 +101,14 @@ class Aioli(Mixer):
                     f"steps do not fit: prior_steps + rounds*update_steps = {prior_steps} + {rounds}*{update_steps} "
                     f"= {prior_steps + rounds * update_steps} exceeds total_steps = {total_steps}")
         self.update_steps, self.lp_sweeps, self.lp_steps = update_steps, lp_sweeps, lp_steps
-        self.one_hot, self.eta, self.ema = one_hot, eta, ema
+        self.one_hot, self.lp_base, self.eta, self.ema = one_hot, lp_base, eta, ema
         self.normalize_A, self.diagonal, self.objective = normalize_A, diagonal, objective
         self.prior, self.prior_steps, self.rounds, self.total_steps = prior, prior_steps, rounds, total_steps
         self.seed = seed
         self._config.update(update_steps=update_steps, lp_sweeps=lp_sweeps, lp_steps=lp_steps, one_hot=one_hot,
-                            eta=eta, ema=ema, normalize_A=normalize_A, diagonal=diagonal, objective=objective,
-                            prior=prior, prior_steps=prior_steps, rounds=rounds, total_steps=total_steps, seed=seed)
+                            lp_base=lp_base, eta=eta, ema=ema, normalize_A=normalize_A, diagonal=diagonal,
+                            objective=objective, prior=prior, prior_steps=prior_steps, rounds=rounds,
+                            total_steps=total_steps, seed=seed)
 
         self._start = uniform(m) if prior is None else prior.clone()
         self._p = self._start.clone()
@@ -182,12 +191,18 @@ class Aioli(Mixer):
     def _enter_sub_phase(self):
         hot = int(self._order[self._lp_done])
         start = self.round_start(self._round) + self._lp_done * self.lp_steps
-        self._set_phase(start, start + self.lp_steps, smoothed_one_hot(self.num_groups, hot, self.one_hot),
-                        "learn_params", group=hot, eval_due=start + self.lp_steps)
+        self._set_phase(start, start + self.lp_steps,
+                        smoothed_one_hot(self.num_groups, hot, self.one_hot, self._lp_base_mixture()), "learn_params",
+                        group=hot, eval_due=start + self.lp_steps)
+
+    def _lp_base_mixture(self):
+        # p changes only at the EG step after the last sub-phase, so every sub-phase of a round and the
+        # un-mixing see the same base.
+        return None if self.lp_base == "uniform" else self._p
 
     def _finish_learn_params(self, step):
         measured = self._measured / self.lp_sweeps
-        interaction = unmix_smoothing(measured, self.one_hot, diagonal=self.diagonal)
+        interaction = unmix_smoothing(measured, self.one_hot, base=self._lp_base_mixture(), diagonal=self.diagonal)
         used = normalize_interaction(interaction) if self.normalize_A else interaction
         matrices = {"measured": measured, "interaction": interaction, "normalized": used}
         weights = objective_weights(self.objective, self._last_losses)

@@ -96,6 +96,8 @@ class Mixer:
     """
 
     method = "mixer"
+    # Settings added after states were saved: {setting: the value that older states behaved as}.
+    config_added = {}
 
     def __init__(self, num_groups, *, min_groups=1):
         self.num_groups = check_int(num_groups, "num_groups", minimum=min_groups)
@@ -211,7 +213,8 @@ class Mixer:
             raise ValueError(f"state was saved by a {state['method']!r} mixer, this mixer is {self.method!r}")
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"state has version {state.get('version')!r}, this code reads version {STATE_VERSION}")
-        saved = state["config"]
+        # A state saved before a setting existed behaved as config_added says.
+        saved = {**{k: v for k, v in self.config_added.items() if k in self._config}, **state["config"]}
         differing = sorted(key for key in set(saved) | set(self._config)
                            if key not in saved or key not in self._config
                            or not _config_equal(saved[key], self._config[key]))

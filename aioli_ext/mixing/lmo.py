@@ -115,53 +115,75 @@ def exponentiated_gradient_step(proportions, gradient, eta):
     return weights / weights.sum()
 
 
-def smoothed_one_hot(num_groups, group, one_hot):
-    """The LearnParams mixture q^(j): ``one_hot`` on ``group``, (1 − one_hot)/(m − 1) on every other group.
-
-    Returns float64 [m] summing to 1.
-    """
-    one_hot = check_one_hot(one_hot, num_groups)
-    group = check_int(group, "group", minimum=0)
-    if group >= num_groups:
-        raise ValueError(f"group must be < num_groups = {num_groups}, got {group}")
-    mixture = torch.full((num_groups,), (1.0 - one_hot) / (num_groups - 1), dtype=FLOAT)
-    mixture[group] = one_hot
-    return mixture
+LP_BASES = ("uniform", "mixture")
 
 
-def smoothing_matrix(num_groups, one_hot):
-    """W [m, m] float64 whose column j is q^(j): ``one_hot`` on the diagonal, (1 − one_hot)/(m − 1) off it.
+def _sub_phase_parts(num_groups, one_hot, base):
+    """(c, offsets): sub-phase j trains on q^(j) = offsets + c·e_j, offsets = (1 − c)·b, float64 [m].
 
-    LearnParams measures B = A·W (column j of B is the loss drop after training on q^(j)).
+    With the uniform base b = 1/m (the paper) the offsets are (1 − one_hot)/(m − 1) and c = one_hot − offset,
+    so ``one_hot`` is the hot group's mass. Any other base b on the simplex keeps the same c = (m·one_hot − 1)/
+    (m − 1): the same perturbation, around b instead of around uniform.
     """
     one_hot = check_one_hot(one_hot, num_groups)
     off = (1.0 - one_hot) / (num_groups - 1)
-    matrix = torch.full((num_groups, num_groups), off, dtype=FLOAT)
-    matrix.fill_diagonal_(one_hot)
-    return matrix
+    weight = one_hot - off
+    if base is None:
+        return weight, torch.full((num_groups,), off, dtype=FLOAT)
+    return weight, (1.0 - weight) * as_proportions(base, num_groups, "base")
 
 
-def unmix_smoothing(measured, one_hot, *, diagonal=False):
+def smoothed_one_hot(num_groups, group, one_hot, base=None):
+    """The LearnParams mixture q^(j) = (1 − c)·b + c·e_j with c = (m·one_hot − 1)/(m − 1).
+
+    ``base`` b (float [m] proportions, default uniform) is the mixture the sub-phase perturbs. With the
+    uniform base, q^(j) has ``one_hot`` on ``group`` and (1 − one_hot)/(m − 1) on every other group.
+    Returns float64 [m] summing to 1.
+    """
+    group = check_int(group, "group", minimum=0)
+    if group >= num_groups:
+        raise ValueError(f"group must be < num_groups = {num_groups}, got {group}")
+    weight, mixture = _sub_phase_parts(num_groups, one_hot, base)
+    # With the uniform base the hot mass is one_hot itself, not off + (one_hot − off) rounded.
+    mixture[group] = one_hot if base is None else mixture[group] + weight
+    return mixture
+
+
+def smoothing_matrix(num_groups, one_hot, base=None):
+    """W [m, m] float64 whose column j is q^(j) = (1 − c)·b + c·e_j (see :func:`smoothed_one_hot`).
+
+    LearnParams measures B = A·W (column j of B is the loss drop after training on q^(j)).
+    """
+    return torch.stack([smoothed_one_hot(num_groups, group, one_hot, base) for group in range(num_groups)], dim=1)
+
+
+def unmix_smoothing(measured, one_hot, *, base=None, diagonal=False):
     """Recover A from LearnParams' measurement B = A·W (AIOLI.md §2 step 3).
 
-    W = a·I + o·11ᵀ with o = (1 − one_hot)/(m − 1), a = one_hot − o, and a + m·o = 1, so
-    W⁻¹ = (I − o·11ᵀ)/a and A = B·W⁻¹ has the closed form A[i, l] = (B[i, l] − o·Σ_j B[i, j]) / a.
-    ``one_hot = 1`` gives A = B. The diagonal variant keeps only A[i, i] = B[i, i] / one_hot.
+    W = c·I + (1 − c)·b·1ᵀ with 1ᵀb = 1, so W⁻¹ = (I − (1 − c)·b·1ᵀ)/c (Sherman–Morrison) and
+    A = (B − (1 − c)·(B·b)·1ᵀ)/c. With the uniform base this is A[i, l] = (B[i, l] − o·Σ_j B[i, j])/(one_hot − o),
+    o = (1 − one_hot)/(m − 1). ``one_hot = 1`` gives A = B whatever the base. The diagonal variant keeps only
+    A[i, i] = B[i, i] / W[i, i].
 
     Args:
         measured: B [m, m] (row = evaluated group, column = the hot group of the sub-phase).
-        one_hot: mass on the hot group, in (1/m, 1].
+        one_hot: in (1/m, 1]; sets c = (m·one_hot − 1)/(m − 1).
+        base: the proportions b [m] the sub-phases perturbed (default uniform).
         diagonal: return the diagonal estimate instead of the full solve.
     Returns:
         float64 [m, m] A.
     """
     measured = _square(measured, "measured")
     m = measured.shape[0]
-    one_hot = check_one_hot(one_hot, m)
+    weight, offsets = _sub_phase_parts(m, one_hot, base)
     if diagonal:
-        return torch.diag(torch.diagonal(measured) / one_hot)
-    off = (1.0 - one_hot) / (m - 1)
-    return (measured - off * measured.sum(dim=1, keepdim=True)) / (one_hot - off)
+        return torch.diag(torch.diagonal(measured) / torch.diagonal(smoothing_matrix(m, one_hot, base)))
+    if base is None:
+        # The uniform offsets are equal: one row sum (as the paper writes it) instead of a product.
+        shift = offsets[0] * measured.sum(dim=1, keepdim=True)
+    else:
+        shift = measured @ offsets[:, None]
+    return (measured - shift) / weight
 
 
 def normalize_interaction(interaction):

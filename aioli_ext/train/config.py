@@ -11,13 +11,13 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from ..mixing.lmo import OBJECTIVES
+from ..mixing.lmo import LP_BASES, OBJECTIVES
 
 METHODS = ("aioli", "stratified", "static", "skillit", "doremi")
 # The TrainConfig fields each method's mixer reads (build_mixer in loop.py).
 METHOD_SETTINGS = {
-    "aioli": ("update_steps", "rounds", "lp_sweeps", "lp_steps", "one_hot", "eta", "ema", "diagonal", "objective",
-              "prior", "prior_run", "prior_steps"),
+    "aioli": ("update_steps", "rounds", "lp_sweeps", "lp_steps", "one_hot", "lp_base", "eta", "ema", "diagonal",
+              "objective", "prior", "prior_run", "prior_steps"),
     "stratified": (),
     "static": ("proportions",),
     "skillit": ("update_steps", "rounds", "skills_graph", "skillit_eta", "skillit_window"),
@@ -61,6 +61,7 @@ class TrainConfig:
     lp_sweeps: int = 2
     lp_steps: int = 2
     one_hot: float = 0.75
+    lp_base: str = "uniform"
     eta: float = 0.3
     ema: Optional[float] = None
     diagonal: bool = False
@@ -164,6 +165,8 @@ def validate(cfg: TrainConfig, num_groups: Optional[int] = None):
     _number(cfg, "doremi_smoothing", low=0.0, high=1.0)
     if cfg.ema is not None:
         _number(cfg, "ema", low=0.0, high=1.0)
+    if cfg.lp_base not in LP_BASES:
+        raise ValueError(f"lp_base must be one of {list(LP_BASES)}, got {cfg.lp_base!r}")
     if cfg.objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {cfg.objective!r}")
     if cfg.sampler_mode not in ("iid", "systematic"):

@@ -28,7 +28,7 @@ from ..mixing import MIXERS, GroupEvaluator, MixerSettingsMismatch
 from ..model import GPT, GPTConfig
 from ..sampler import MixtureSampler
 from .checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
-from .config import TrainConfig, validate
+from .config import FIELDS, TrainConfig, validate
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
@@ -97,7 +97,8 @@ def build_mixer(cfg: TrainConfig, num_groups: int, groups=None):
         raise ValueError(f"groups must name num_groups = {num_groups} groups, got {named!r}")
     if cfg.method == "aioli":
         return MIXERS["aioli"](num_groups, update_steps=cfg.update_steps, lp_sweeps=cfg.lp_sweeps,
-                               lp_steps=cfg.lp_steps, one_hot=cfg.one_hot, eta=cfg.eta, ema=cfg.ema,
+                               lp_steps=cfg.lp_steps, one_hot=cfg.one_hot, lp_base=cfg.lp_base, eta=cfg.eta,
+                               ema=cfg.ema,
                                diagonal=cfg.diagonal, objective=cfg.objective, prior=_prior(cfg, named),
                                prior_steps=cfg.prior_steps,
                                rounds=cfg.rounds, total_steps=cfg.steps, seed=cfg.seed)
@@ -192,9 +193,11 @@ class Run:
         # Compared as JSON values: a result file holds lists where the config may hold tuples.
         ours = json.loads(json.dumps(self.cfg.numeric_settings()))
         settings = json.loads(json.dumps(settings))
-        changed = sorted(k for k in ours if settings.get(k) != ours[k])
+        # A setting missing from it did not exist yet when it was made: that run behaved as its default.
+        settings = {**{k: FIELDS[k].default for k in ours if k not in settings}, **settings}
+        changed = sorted(k for k in ours if settings[k] != ours[k])
         if changed:
-            detail = ", ".join(f"{k}: {settings.get(k)!r} -> {ours[k]!r}" for k in changed)
+            detail = ", ".join(f"{k}: {settings[k]!r} -> {ours[k]!r}" for k in changed)
             raise RunError(f"--resume: {where} was made with other settings ({detail}); resume with the same "
                            f"settings or start a new run (--overwrite)")
         if fingerprint != self.store.manifest.get("fingerprint"):
