@@ -125,8 +125,10 @@ def test_proxy_flags_reach_the_proxies_only(monkeypatch, tmp_path):
     assert code == 0
     (small, _, _), (main, _, _) = calls
     assert (small.one_hot, small.eta, small.objective) == (0.9, 2.5, "perplexity")
-    # The seven-group main runs from a proxy use one_hot 0.2 (bench/results/full_main_one_hot.md).
-    assert (main.one_hot, main.eta, main.objective) == (0.2, 0.3, "loss")
+    # The seven-group main runs from a proxy use one_hot 0.2 around their current mixture
+    # (bench/results/full_main_one_hot.md, bench/results/full_main_lp_base.md); the proxies perturb uniform.
+    assert (main.one_hot, main.lp_base, main.eta, main.objective) == (0.2, "mixture", 0.3, "loss")
+    assert small.lp_base == "uniform"
     # One flag changes its own setting; the others stay the setting's PROXY_TUNED values.
     calls.clear()
     assert cli.main(["study", "--proxy", "--proxy-eta", "0.6", "--settings", "two", "--seeds", "0",

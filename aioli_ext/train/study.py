@@ -54,9 +54,11 @@ PROXY_TUNED = {
 # with seven groups the main run with one_hot 0.3 is behind the proxy's mixture held static on every organic
 # group by step 600 (0.03-0.07 nats of validation loss), and no closer with its mixture frozen (eta 1e-6);
 # 0.2 keeps within a standard error of it (bench/results/full_main_one_hot.md: screened on seeds 0-9,
-# validation at step 1000; test, 20 seeds: -0.021 [-0.049, +0.007] against stratified).
+# validation at step 1000). Sub-phases around uniform still pull the drawn data toward uniform for 28% of the
+# steps; lp_base "mixture" perturbs the current mixture instead (bench/results/full_main_lp_base.md: screened
+# the same way against one_hot 0.2 around uniform and one_hot 0.3 around the mixture).
 FROM_PROXY_TUNED = {
-    "full": {"one_hot": 0.2},
+    "full": {"one_hot": 0.2, "lp_base": "mixture"},
 }
 # What study(proxy_settings=...) and the --proxy-* flags may set for the proxies.
 PROXY_KEYS = ("one_hot", "eta", "objective")
