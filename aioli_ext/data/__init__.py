@@ -9,6 +9,6 @@ from .store import (CorruptStoreError, TokenStore, TokenWindows, atomic_director
 from .tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer, token_dtype
 
 __all__ = ["SYNTHETIC_GROUPS", "ByteTokenizer", "CorruptStoreError", "DEFAULT_GROUPS", "HFTokenizer", "TokenStore",
-           "TokenWindows",
-           "atomic_directory", "build_default_corpus", "build_from_folders", "chunk_text", "import_token_files",
-           "load_tokenizer", "read_megatron_index", "split_of", "token_dtype", "write_token_store"]
+           "TokenWindows", "atomic_directory", "build_default_corpus", "build_from_folders", "chunk_text",
+           "import_token_files", "load_tokenizer", "read_megatron_index", "split_of", "token_dtype",
+           "write_token_store"]
