@@ -100,6 +100,7 @@ def test_state_saved_before_lp_base_existed_loads_as_uniform():
     state = FACTORIES["aioli"]().state_dict()
     del state["config"]["lp_base"]
     FACTORIES["aioli"]().load_state_dict(state)
+    assert mixer_from_state_dict(state).lp_base == "uniform"
     around = Aioli(3, update_steps=25, lp_sweeps=2, lp_steps=2, one_hot=0.7, eta=0.5, seed=11, lp_base="mixture")
     with pytest.raises(MixerSettingsMismatch, match=r"\(lp_base: saved 'uniform' vs 'mixture'\)"):
         around.load_state_dict(state)

@@ -15,8 +15,9 @@ from .base import Mixer, Phase
 from .baselines import DoReMi, RoundMixer, SkillIt, Static, Stratified, skills_graph_from_runs
 from .checks import MixerProtocolError, MixerSettingsMismatch
 from .evaluator import GroupEvaluator
-from .lmo import (OBJECTIVES, eg_gradient, exponentiated_gradient_step, linear_dynamic_law, mix_with_uniform,
-                  normalize_interaction, objective_weights, smoothed_one_hot, smoothing_matrix, unmix_smoothing)
+from .lmo import (LP_BASES, OBJECTIVES, eg_gradient, exponentiated_gradient_step, linear_dynamic_law,
+                  mix_with_uniform, normalize_interaction, objective_weights, smoothed_one_hot, smoothing_matrix,
+                  unmix_smoothing)
 from .log import MixingLog
 from .simulation import LinearLawEnvironment, piecewise_interaction, run_mixer
 from .static_law import StaticLaw, best_mixture, simplex_grid
@@ -35,7 +36,7 @@ def mixer_from_state_dict(state):
 
 
 __all__ = [
-    "Aioli", "DoReMi", "GroupEvaluator", "LinearLawEnvironment", "MIXERS", "Mixer", "MixerProtocolError",
+    "Aioli", "DoReMi", "GroupEvaluator", "LP_BASES", "LinearLawEnvironment", "MIXERS", "Mixer", "MixerProtocolError",
     "MixerSettingsMismatch", "MixingLog", "OBJECTIVES", "Phase", "RoundMixer", "SkillIt", "Static", "StaticLaw",
     "Stratified", "best_mixture", "eg_gradient", "exponentiated_gradient_step", "largest_remainder",
     "linear_dynamic_law", "mix_with_uniform", "mixer_from_state_dict", "normalize_interaction", "objective_weights",
