@@ -108,7 +108,7 @@ def test_sub_phases_around_the_mixture_follow_it_from_round_to_round():
             assert phase.label == "learn_params"
             expected = 0.6 * p + 0.4 * torch.eye(3, dtype=F)[phase.group]
             assert torch.allclose(mixer.proportions(phase.start), expected, rtol=0, atol=1e-15)
-            drawn += expected / 3
+            drawn += mixer.proportions(phase.start) / 3
             drops = torch.tensor([[0.3, 0.1, 0.0], [0.05, 0.2, 0.0], [0.0, 0.1, 0.1]], dtype=F)
             losses = losses - drops[:, phase.group]
             mixer.observe(phase.stop, losses)

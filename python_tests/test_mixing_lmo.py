@@ -97,10 +97,6 @@ def test_sub_phases_around_a_base(base, one_hot):
     assert torch.allclose(weights.sum(dim=0), torch.ones(4, dtype=F), rtol=0, atol=1e-15)
     for group in range(4):
         assert torch.equal(smoothed_one_hot(4, group, one_hot, base), weights[:, group])
-    # The mean sub-phase mixture of a sweep is (1 − c)·b + c/m: the base, pulled toward uniform by c only.
-    c = (4 * one_hot - 1) / 3
-    expected_mean = (1 - c) * torch.tensor(base, dtype=F) + c / 4
-    assert torch.allclose(weights.mean(dim=1), expected_mean, rtol=0, atol=1e-15)
     # Un-mixing recovers A exactly (to rounding), checked against a general solve of A·W = B.
     interaction = torch.randn(4, 4, generator=torch.Generator().manual_seed(1), dtype=F)
     measured = interaction @ weights
@@ -115,6 +111,7 @@ def test_sub_phases_around_a_base(base, one_hot):
 
 def test_uniform_base_is_the_default():
     uniform = [0.2] * 5
+    assert torch.allclose(smoothing_matrix(5, 0.4), explicit_sub_phase_matrix(uniform, 0.4), rtol=0, atol=1e-15)
     assert torch.allclose(smoothing_matrix(5, 0.4, uniform), smoothing_matrix(5, 0.4), rtol=0, atol=1e-15)
     measured = torch.randn(5, 5, generator=torch.Generator().manual_seed(2), dtype=F)
     assert torch.allclose(unmix_smoothing(measured, 0.4, base=uniform), unmix_smoothing(measured, 0.4),

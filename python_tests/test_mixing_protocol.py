@@ -4,8 +4,8 @@ import io
 import pytest
 import torch
 
-from aioli_ext.mixing import (Aioli, DoReMi, LinearLawEnvironment, MixerProtocolError, MixerSettingsMismatch, SkillIt,
-                              Static, Stratified, largest_remainder, mixer_from_state_dict)
+from aioli_ext.mixing import (MIXERS, Aioli, DoReMi, LinearLawEnvironment, MixerProtocolError, MixerSettingsMismatch,
+                              SkillIt, Static, Stratified, largest_remainder, mixer_from_state_dict)
 
 F = torch.float64
 INTERACTION = torch.tensor([[3.0, 0.5, -0.4], [1.0, 2.0, 0.0], [0.5, 0.2, 0.8]], dtype=F) * 1e-2
@@ -96,11 +96,20 @@ def test_load_state_dict_rejects_other_settings_and_methods():
         mixer_from_state_dict({"method": "unknown"})
 
 
-def test_state_saved_before_lp_base_existed_loads_as_uniform():
+def test_state_saved_before_lp_base_existed_loads_as_uniform(monkeypatch):
     state = FACTORIES["aioli"]().state_dict()
     del state["config"]["lp_base"]
     FACTORIES["aioli"]().load_state_dict(state)
     assert mixer_from_state_dict(state).lp_base == "uniform"
+
+    # mixer_from_state_dict rebuilds it with the value it behaved as, whatever the constructor's default is.
+    class AroundByDefault(Aioli):
+        def __init__(self, *args, lp_base="mixture", **kwargs):
+            super().__init__(*args, lp_base=lp_base, **kwargs)
+
+    monkeypatch.setitem(MIXERS, "aioli", AroundByDefault)
+    rebuilt = mixer_from_state_dict(state)
+    assert isinstance(rebuilt, AroundByDefault) and rebuilt.lp_base == "uniform"
     around = Aioli(3, update_steps=25, lp_sweeps=2, lp_steps=2, one_hot=0.7, eta=0.5, seed=11, lp_base="mixture")
     with pytest.raises(MixerSettingsMismatch, match=r"\(lp_base: saved 'uniform' vs 'mixture'\)"):
         around.load_state_dict(state)

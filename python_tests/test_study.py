@@ -111,9 +111,11 @@ def test_main_runs_from_a_proxy_take_their_own_tuned_values(monkeypatch, tmp_pat
     assert (plain.one_hot, plain.eta) == (0.4, TrainConfig().eta)
     # A flag the user gives wins over both.
     calls.clear()
-    assert cli.main(["study", "--proxy", "--one-hot", "0.35", *common]) == 0
+    assert cli.main(["study", "--proxy", "--one-hot", "0.35", "--lp-base", "mixture", *common]) == 0
     (small, _, _), (main, _, _) = calls
     assert (main.one_hot, main.eta) == (0.35, 0.7) and small.one_hot == study_module.PROXY_TUNED["two"]["one_hot"]
+    # The proxies start from uniform and keep the paper's sub-phases whatever the main runs use.
+    assert (main.lp_base, small.lp_base) == ("mixture", "uniform")
 
 
 def test_proxy_flags_reach_the_proxies_only(monkeypatch, tmp_path):

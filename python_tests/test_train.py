@@ -111,6 +111,11 @@ def test_lp_base_reaches_the_mixer_and_old_checkpoints_resume(corpus, tmp_path):
     torch.save(state, path)
     with pytest.raises(RunError, match=r"other settings \(lp_base: 'uniform' -> 'mixture'\)"):
         train(old.replace(lp_base="mixture"), resume=True)
+    # Only settings listed as added later get that treatment: any other missing setting is a change.
+    torch.save({**state, "settings": {k: v for k, v in state["settings"].items() if k != "eta"}}, path)
+    with pytest.raises(RunError, match=r"other settings \(eta: None -> 0.3\)"):
+        train(old, resume=True)
+    torch.save(state, path)
     _same_run(train(old.replace(out=str(tmp_path / "old-whole"))), train(old, resume=True))
 
 

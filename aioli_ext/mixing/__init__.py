@@ -30,7 +30,9 @@ def mixer_from_state_dict(state):
     if not isinstance(state, dict) or state.get("method") not in MIXERS:
         raise ValueError(f"state must come from Mixer.state_dict() of one of {sorted(MIXERS)}, got method "
                          f"{state.get('method') if isinstance(state, dict) else type(state).__name__!r}")
-    mixer = MIXERS[state["method"]](**state["config"])
+    cls = MIXERS[state["method"]]
+    # A state saved before a setting existed is rebuilt with the value it behaved as, not today's default.
+    mixer = cls(**{**cls.config_added, **state["config"]})
     mixer.load_state_dict(state)
     return mixer
 

@@ -25,6 +25,9 @@ METHOD_SETTINGS = {
                "doremi_smoothing"),
 }
 MIXER_SETTINGS = {name for names in METHOD_SETTINGS.values() for name in names}
+# Settings added after runs were saved, with the value those runs behaved as: a checkpoint or result without
+# one of them resumes as that value. Only listed settings get this; any other missing setting is a change.
+SETTINGS_ADDED = {"lp_base": "uniform"}
 
 
 @dataclass

@@ -28,7 +28,7 @@ from ..mixing import MIXERS, GroupEvaluator, MixerSettingsMismatch
 from ..model import GPT, GPTConfig
 from ..sampler import MixtureSampler
 from .checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
-from .config import FIELDS, TrainConfig, validate
+from .config import SETTINGS_ADDED, TrainConfig, validate
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
@@ -193,11 +193,11 @@ class Run:
         # Compared as JSON values: a result file holds lists where the config may hold tuples.
         ours = json.loads(json.dumps(self.cfg.numeric_settings()))
         settings = json.loads(json.dumps(settings))
-        # A setting missing from it did not exist yet when it was made: that run behaved as its default.
-        settings = {**{k: FIELDS[k].default for k in ours if k not in settings}, **settings}
-        changed = sorted(k for k in ours if settings[k] != ours[k])
+        # A setting added after it was made is missing from it: that run behaved as SETTINGS_ADDED says.
+        settings = {**{k: v for k, v in SETTINGS_ADDED.items() if k in ours}, **settings}
+        changed = sorted(k for k in ours if settings.get(k) != ours[k])
         if changed:
-            detail = ", ".join(f"{k}: {settings[k]!r} -> {ours[k]!r}" for k in changed)
+            detail = ", ".join(f"{k}: {settings.get(k)!r} -> {ours[k]!r}" for k in changed)
             raise RunError(f"--resume: {where} was made with other settings ({detail}); resume with the same "
                            f"settings or start a new run (--overwrite)")
         if fingerprint != self.store.manifest.get("fingerprint"):

@@ -46,9 +46,9 @@ TUNED = {
 # groups (10x and 5.5x). The proxy's model is thrown away after its run, so it can take the bursts of 0.75
 # (1.6x and 1.4x); its last mixture then moves further, and alike across seeds.
 PROXY_TUNED = {
-    "two": {"one_hot": 0.75},
-    "three": {"one_hot": 0.75},
-    "full": {"one_hot": 0.75},
+    "two": {"one_hot": 0.75, "lp_base": "uniform"},
+    "three": {"one_hot": 0.75, "lp_base": "uniform"},
+    "full": {"one_hot": 0.75, "lp_base": "uniform"},
 }
 # The main Aioli runs' settings when they start from a proxy's mixture (over TUNED's), chosen on validation:
 # with seven groups the main run with one_hot 0.3 is behind the proxy's mixture held static on every organic
