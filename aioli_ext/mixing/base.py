@@ -214,7 +214,7 @@ class Mixer:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"state has version {state.get('version')!r}, this code reads version {STATE_VERSION}")
         # A state saved before a setting existed behaved as config_added says.
-        saved = {**{k: v for k, v in self.config_added.items() if k in self._config}, **state["config"]}
+        saved = {**self.config_added, **state["config"]}
         differing = sorted(key for key in set(saved) | set(self._config)
                            if key not in saved or key not in self._config
                            or not _config_equal(saved[key], self._config[key]))

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from ..mixing.aioli import Aioli
 from ..mixing.lmo import LP_BASES, OBJECTIVES
 
 METHODS = ("aioli", "stratified", "static", "skillit", "doremi")
@@ -27,7 +28,8 @@ METHOD_SETTINGS = {
 MIXER_SETTINGS = {name for names in METHOD_SETTINGS.values() for name in names}
 # Settings added after runs were saved, with the value those runs behaved as: a checkpoint or result without
 # one of them resumes as that value. Only listed settings get this; any other missing setting is a change.
-SETTINGS_ADDED = {"lp_base": "uniform"}
+# The mixer's own table is the one source (its setting names are the run's).
+SETTINGS_ADDED = dict(Aioli.config_added)
 
 
 @dataclass

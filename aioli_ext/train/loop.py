@@ -98,10 +98,9 @@ def build_mixer(cfg: TrainConfig, num_groups: int, groups=None):
     if cfg.method == "aioli":
         return MIXERS["aioli"](num_groups, update_steps=cfg.update_steps, lp_sweeps=cfg.lp_sweeps,
                                lp_steps=cfg.lp_steps, one_hot=cfg.one_hot, lp_base=cfg.lp_base, eta=cfg.eta,
-                               ema=cfg.ema,
-                               diagonal=cfg.diagonal, objective=cfg.objective, prior=_prior(cfg, named),
-                               prior_steps=cfg.prior_steps,
-                               rounds=cfg.rounds, total_steps=cfg.steps, seed=cfg.seed)
+                               ema=cfg.ema, diagonal=cfg.diagonal, objective=cfg.objective,
+                               prior=_prior(cfg, named), prior_steps=cfg.prior_steps, rounds=cfg.rounds,
+                               total_steps=cfg.steps, seed=cfg.seed)
     if cfg.method == "stratified":
         return MIXERS["stratified"](num_groups)
     if cfg.method == "static":
